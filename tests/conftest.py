@@ -1,7 +1,11 @@
 """Test setup: the Triton interpreter must be chosen before any @triton.jit is imported."""
 import os
+import shutil
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a machine without a GPU, Triton kernels run in its interpreter. Decided without importing
+# torch.cuda (cheap and safe this early); MOVQ_TEST_GPU=1 or TRITON_INTERPRET=0 overrides.
+if os.environ.get("MOVQ_TEST_GPU") != "1" and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,358 @@
+"""Configuration: one dataclass per component, loaded from YAML with ``key.sub=value`` overrides.
+
+The loader is strict, as a config typo should never train the wrong model for a week: an unknown
+key or a value of the wrong type fails with a message naming the key and the file. Every run and
+checkpoint stores its resolved config (``save_config``) so a resume or ``from_pretrained`` rebuilds
+exactly the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the dataclass it describes."""
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1: the tokenizer
+# --------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Encoder / decoder shape. Paper setting (MoVQ, Zheng et al. 2022): 256² → 16×16 cells."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    resolution: int = 256  # only used to place attention (attn_resolutions are feature-map sizes)
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # len(channel_mult) - 1 downsamplings
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.0
+    norm: Literal["spatial", "group"] = "spatial"  # spatial = MoVQ decoder, group = VQGAN baseline
+    norm_groups: int = 32
+    # taming/MoVQGAN put an extra res block in each decoder level (num_res_blocks + 1)
+    decoder_extra_block: bool = True
+    # attention in the middle of encoder and decoder (taming: always on)
+    mid_attention: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class QuantizerConfig:
+    """Multichannel VQ: C channels of width ``dim`` share one codebook of ``codebook_size`` codes."""
+
+    codebook_size: int = 1024
+    channels: int = 4  # C; the latent has channels * dim feature maps
+    dim: int = 64  # d, the width of one code
+    beta: float = 0.25  # weight of the commitment term ‖z − sg(e)‖² (not the codebook term)
+    cosine: bool = False  # l2-normalise codes and inputs (ViT-VQGAN style)
+    ema: bool = False  # EMA codebook updates instead of the codebook loss
+    ema_decay: float = 0.99
+    kmeans_init: bool = False  # initialise the codebook by k-means on the first training batch
+    kmeans_iters: int = 10
+    # Restart codes whose EMA usage (expected hits per step) drops below this, from recent
+    # encoder outputs. 0 disables.
+    dead_code_threshold: float = 0.0
+    usage_decay: float = 0.99  # decay of the per-code usage EMA (drives dead-code restart)
+    usage_window: int = 1000  # a code counts as "used" if it was chosen in the last N training steps
+    chunk_size: int = 8192  # rows per chunk of the torch nearest-code search (bounds memory)
+
+
+@dataclass
+class DiscriminatorConfig:
+    """PatchGAN (pix2pix / taming NLayerDiscriminator)."""
+
+    in_channels: int = 3
+    base_channels: int = 64
+    n_layers: int = 3
+    norm: Literal["batch", "spectral", "none"] = "batch"
+
+
+@dataclass
+class LossConfig:
+    """Weights and schedule of the tokenizer loss (taming's VQLPIPSWithDiscriminator)."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0  # LPIPS; 0 turns it off (and no weights are needed)
+    lpips_vgg_path: Optional[str] = None  # torchvision vgg16-397923af.pth
+    lpips_lin_path: Optional[str] = None  # LPIPS v0.1 vgg.pth linear heads
+    codebook_weight: float = 1.0
+    disc_weight: float = 0.8
+    disc_factor: float = 1.0
+    disc_start: int = 10000  # GAN terms are off before this step (generator and discriminator)
+    adaptive_weight_max: float = 1e4
+    adaptive_weight_eps: float = 1e-4
+
+
+@dataclass
+class DataConfig:
+    """Where images come from. ``source``: builtin (offline default), folder or shards."""
+
+    source: Literal["builtin", "folder", "shards"] = "builtin"
+    train: Optional[str] = None  # folder path or shard pattern (brace patterns allowed)
+    val: Optional[str] = None
+    image_size: int = 256
+    batch_size: int = 8  # per process
+    num_workers: int = 2
+    cache_dir: Optional[str] = None  # builtin dataset shards; default ~/.cache/movq
+    builtin_train_size: int = 2048  # random crops made for the builtin training split
+    builtin_val_size: int = 64
+    epoch_length: Optional[int] = None  # samples per epoch for resampled shards
+    random_flip: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by both trainers."""
+
+    run_dir: str = "runs/tokenizer"
+    max_steps: int = 100000
+    lr: float = 1e-4
+    disc_lr: Optional[float] = None  # defaults to lr
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.999  # 0 disables the EMA copy of the generator
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    trackers: tuple[str, ...] = ()  # "wandb", "tensorboard"
+    project: str = "movq"
+    fid_every: int = 0  # 0: no FID during training
+    fid_num_images: int = 1000
+    inception_weights: Optional[str] = None
+    fid_reference: Optional[str] = None  # .npz of mu/sigma for the eval set
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything a tokenizer run needs, grouped by component as in taming."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------
+T = typing.TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists → tuples)."""
+    where = f"config key '{key}' in {origin}"
+    org = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if org in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if org is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if org in (tuple, list):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `attn_resolutions=16` on the command line means (16,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if org is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {list(value)}")
+            items = [_coerce(v, a, key, origin) for v, a in zip(value, args)]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, key, origin) for v in value]
+        return tuple(items) if org is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, key, origin)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e4 in YAML
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML 1.1 reads "1e-4" as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp}")
+
+
+def _build(cls: type[T], data: dict, prefix: str, origin: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        full = [f"{prefix}.{k}" if prefix else k for k in unknown]
+        raise ConfigError(
+            f"unknown config key(s) {full} in {origin}; valid keys under "
+            f"'{prefix or '<top>'}': {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, origin)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict:
+    """``["model.base_channels=64", "train.resume=latest"]`` → nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    cls: type[T],
+    source: Union[str, os.PathLike, dict, T, None] = None,
+    overrides: typing.Iterable[str] = (),
+) -> T:
+    """Build ``cls`` from a YAML path, a dict or an instance, then apply ``key=value`` overrides.
+
+    Raises ``ConfigError`` naming the key and the file for unknown keys and wrong types, and
+    ``FileNotFoundError`` for a missing file.
+    """
+    origin = "<dict>"
+    if source is None:
+        data: dict = {}
+        origin = "<defaults>"
+    elif dataclasses.is_dataclass(source) and not isinstance(source, type):
+        data = to_dict(source)
+        origin = f"<{type(source).__name__}>"
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        origin = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    overrides = list(overrides)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        origin = f"{origin} + command-line overrides"
+    return _build(cls, data, "", origin)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict of a config (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Any, path: Union[str, os.PathLike]) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
