@@ -38,6 +38,9 @@ class ModelConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.0
+    # Encoder output / decoder input width; None = channels × dim of the quantizer. taming's VQGANs
+    # use a wider z_channels and project to the code width with quant_conv / post_quant_conv.
+    z_channels: Optional[int] = None
     norm: Literal["spatial", "group"] = "spatial"  # spatial = MoVQ decoder, group = VQGAN baseline
     norm_groups: int = 32
     # taming/MoVQGAN put an extra res block in each decoder level (num_res_blocks + 1)
