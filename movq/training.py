@@ -1,0 +1,253 @@
+"""Machinery shared by the tokenizer and prior trainers (DiT's train.py and Accelerate's examples).
+
+* ``RunDir`` — ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``images/`` of one run; only rank 0
+  writes.
+* ``EMA`` — an exponential moving average of a model's weights, used for evaluation and saved.
+* ``Checkpointer`` — atomic checkpoints: everything is written into ``checkpoints/.tmp-NNNNNNN`` and
+  renamed to ``checkpoints/NNNNNNN`` once complete, so a crash mid-write leaves the previous one
+  intact; the last ``keep`` are kept. Weights are safetensors; optimizer, scheduler and RNG states are
+  Accelerate's (loaded with ``weights_only``), the loop counters a JSON file.
+* ``StepGuard`` — skips and counts steps whose loss or gradients are not finite, and aborts with a
+  clear message after too many in a row.
+* ``StopFlag`` — SIGINT / SIGTERM ask the loop to save and exit at the end of the current step, on
+  every rank at once.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from movq.config import atomic_write_text, save_config
+
+log = logging.getLogger(__name__)
+
+CKPT_PATTERN = re.compile(r"^\d{7}$")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear LR warmup from 1/warmup to 1 over ``warmup_steps`` optimizer steps, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def save_state_dict(module_or_state: Union[nn.Module, dict], path: Union[str, os.PathLike]) -> None:
+    """Safetensors save through a temp file + rename."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_state_dict(module: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Strict safetensors load with a message that names the file."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class RunDir:
+    """The folder of one run. Every method is a no-op on ranks other than 0."""
+
+    def __init__(self, root: Union[str, os.PathLike], is_main: bool):
+        self.root = Path(root)
+        self.is_main = is_main
+        self.checkpoints = self.root / "checkpoints"
+        self.images = self.root / "images"
+        if is_main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.images.mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, cfg: Any) -> None:
+        if self.is_main:
+            save_config(cfg, self.root / "config.yaml")
+
+    def log_metrics(self, step: int, kind: str, values: dict) -> None:
+        """Append one JSON object per event to metrics.jsonl (``step``, ``kind`` and every term)."""
+        if not self.is_main:
+            return
+        record = {"step": step, "kind": kind}
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            record[k] = v
+        with open(self.root / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied).
+
+    The shadow is a full copy of the model, so evaluation simply runs ``ema.model``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.model.state_dict()
+        for name, value in model.state_dict().items():
+            target = ema_state[name]
+            if value.dtype.is_floating_point and name in dict(model.named_parameters()):
+                target.lerp_(value.to(target.dtype), 1.0 - self.decay)
+            else:
+                target.copy_(value)
+
+
+class Checkpointer:
+    """Atomic, rotating checkpoints under ``run_dir/checkpoints``.
+
+    ``save(step, write_extra)``: every rank calls it (Accelerate writes per-rank RNG states); rank 0
+    then calls ``write_extra(folder)`` to add weights and counters, and renames the folder into place.
+    """
+
+    def __init__(self, accelerator, directory: Union[str, os.PathLike], keep: int):
+        self.accelerator = accelerator
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+
+    def list(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name))
+
+    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+        """``None`` → None; ``"latest"`` → the newest complete checkpoint or None; else that folder."""
+        if not resume:
+            return None
+        if resume == "latest":
+            found = self.list()
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"train.resume={resume}: no checkpoint there (trainer_state.json missing)")
+        return path
+
+    def save(self, step: int, write_extra: Callable[[Path], None]) -> Path:
+        acc = self.accelerator
+        final = self.dir / f"{step:07d}"
+        tmp = self.dir / f".tmp-{step:07d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_extra(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.list()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.dir.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> dict:
+        """Restore Accelerate's state; returns the loop counters written by the trainer."""
+        self.accelerator.load_state(str(path))
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+def write_trainer_state(folder: Path, state: dict) -> None:
+    atomic_write_text(folder / "trainer_state.json", json.dumps(state, indent=1))
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class StepGuard:
+    """Decides whether a step's loss and gradient norms are finite; counts and bounds the skips."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+
+    def check(self, *values: torch.Tensor) -> bool:
+        """True if every value is finite (the step may proceed); else count a skip."""
+        ok = all(bool(torch.isfinite(v).all()) for v in values if v is not None)
+        if ok:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.max_in_a_row:
+            raise NonFiniteError(
+                f"{self.in_a_row} non-finite steps in a row (train.max_bad_steps={self.max_in_a_row}); "
+                "aborting. The last good checkpoint is untouched; lower the LR or check the data."
+            )
+        return False
+
+    def state_dict(self) -> dict:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; ``should_stop()`` agrees across ranks (any rank's signal stops all)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. some test runners): no signal handling
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
+        self.requested = True
+
+    def should_stop(self, device: torch.device) -> bool:
+        if not is_distributed():
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def mean_logs(history: list[dict]) -> dict:
+    """Average each logged scalar over the steps since the last log."""
+    out: dict = {}
+    for key in {k for h in history for k in h}:
+        vals = [float(h[key]) for h in history if key in h]
+        out[key] = sum(vals) / len(vals) if vals else math.nan
+    return out
