@@ -25,6 +25,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from kernels._autotune import HAS_TRITON, INTERPRET, backward_blocks, prune_search_configs, search_configs, tl, triton
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,361 @@ def _restore_layout(out: Tensor, like: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offsets(offs_n, C, H, W, D, s_b, s_c, s_y, s_x, CONTIG: tl.constexpr):
+    """Element offset (int64) of feature 0 of row n = ((b*C + c)*H + y)*W + x in a [B, C*D, H, W] tensor.
+
+    CONTIG (a contiguous NCHW tensor): offset = plane * D*H*W + pixel, a form Triton's axis analysis sees as
+    contiguous along n, so tiles load coalesced along the rows. Index math in int32 (N < 2**31 is checked).
+    """
+    n = offs_n.to(tl.int32)
+    if CONTIG:
+        hw = H * W
+        return (n // hw).to(tl.int64) * D * hw + (n % hw)
+    else:
+        x = n % W
+        t = n // W
+        y = t % H
+        t = t // H
+        c = t % C
+        b = t // C
+        return b.to(tl.int64) * s_b + c.to(tl.int64) * D * s_c + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+
+
+@triton.jit
+def _inv_norm(z_ptr, zoff, mask_n, D, s_c, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """1 / max(||z_n||, 1e-6) per row (F.normalize's eps, NORM_EPS), fp32 [BLOCK_N]."""
+    ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = mask_n[:, None] & (offs_d < D)[None, :]
+        x = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_c, mask=m, other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.maximum(tl.sqrt(ss), 1e-6)
+
+
+@triton.jit
+def _cast_out(x, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. BF16_BITS (interpreter + bf16 only): the interpreter's fp32 -> bf16
+    cast truncates, so round by hand on the bits (finite values; NaN payloads are not preserved)."""
+    if BF16_BITS:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, best_i, inv,
+                 D, s_zc, s_qc, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Epilogue: gather e = codebook[best_i] in fp32, write z_q (z's dtype and layout), indices, counts and
+    the row's exact squared error sum_j (z_nj * inv_n - e_j)^2 (fp32; the losses are its mean)."""
+    code = best_i.to(tl.int64)
+    sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = mask_n[:, None] & (offs_d < D)[None, :]
+        cols = offs_d[None, :].to(tl.int64)
+        x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32) * inv[:, None]
+        e = tl.load(cbf_ptr + code[:, None] * D + cols, mask=m, other=0.0)
+        diff = x - e
+        sq += tl.sum(diff * diff, axis=1)
+        tl.store(zq_ptr + qoff[:, None] + cols * s_qc, _cast_out(e, zq_ptr.dtype.element_ty, BF16_BITS), mask=m)
+    tl.store(idx_ptr + offs_n, code, mask=mask_n)
+    tl.store(sqerr_ptr + offs_n, sq, mask=mask_n)
+    # integer atomics: the counts are exact whatever the order
+    tl.atomic_add(counts_ptr + best_i, tl.full([BLOCK_N], 1, tl.int32), mask=mask_n)
+
+
+@triton.autotune(configs=search_configs(), key=["K", "D_PAD", "N_LOG2", "SPLIT"],
+                 prune_configs_by={"early_config_prune": prune_search_configs}, reset_to_zero=["counts_ptr"])
+@triton.jit
+def _vq_search_kernel(
+    z_ptr, cbd_ptr, hn_ptr, cbf_ptr,  # z [B, C*D, H, W]; codebook [K, D] in the dot dtype; 0.5||e||^2 [K]; fp32 [K, D]
+    zq_ptr, idx_ptr, counts_ptr, sqerr_ptr,  # outputs when FUSED (SPLIT == 1)
+    pval_ptr, pidx_ptr,  # [SPLIT, N] partial min / argmin when not FUSED
+    N, K, D, C, H, W, N_LOG2, SPLIT,
+    s_zb, s_zc, s_zy, s_zx, s_qb, s_qc, s_qy, s_qx,
+    COSINE: tl.constexpr, FUSED: tl.constexpr, Z_CONTIG: tl.constexpr, Q_CONTIG: tl.constexpr,
+    D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BF16_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against codes of split s, streamed in BLOCK_K tiles.
+
+    argmin_k ||z - e_k||^2 = argmin_k (0.5*||e_k||^2 - z.e_k): one tl.dot per tile plus one FMA. The running
+    best is kept per (row, column) so the inner loop has no cross-thread reduction; strict '<' keeps the
+    earliest code per column and the final reduction the smallest index among equal minima (torch's argmin).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
+    if COSINE:
+        inv = _inv_norm(z_ptr, zoff, mask_n, D, s_zc, BLOCK_N, BLOCK_D)
+    else:
+        inv = tl.full([BLOCK_N], 1.0, tl.float32)
+
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k_lo = pid_s * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    best_v = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    best_i = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_lo
+    offs_dd = tl.arange(0, BLOCK_D)
+    if D_PAD <= BLOCK_D:  # the whole (padded) row fits one tile: load z once, keep it for every code tile
+        zt = tl.load(z_ptr + zoff[:, None] + offs_dd[None, :].to(tl.int64) * s_zc,
+                     mask=mask_n[:, None] & (offs_dd < D)[None, :], other=0.0)
+        if UPCAST:
+            zt = zt.to(tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if D_PAD <= BLOCK_D:
+            et = tl.load(cbd_ptr + offs_k[None, :] * D + offs_dd[:, None],
+                         mask=mask_k[None, :] & (offs_dd < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_K]
+            if UPCAST:
+                et = et.to(tl.float32)
+            acc = tl.dot(zt, et, acc, input_precision=DOT_PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + offs_dd
+                zc = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_zc,
+                             mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
+                et = tl.load(cbd_ptr + offs_k[None, :] * D + offs_d[:, None],
+                             mask=mask_k[None, :] & (offs_d < D)[:, None], other=0.0)
+                if UPCAST:
+                    zc = zc.to(tl.float32)
+                    et = et.to(tl.float32)
+                acc = tl.dot(zc, et, acc, input_precision=DOT_PRECISION)
+        hn = tl.load(hn_ptr + offs_k, mask=mask_k, other=float("inf"))  # masked codes never win
+        if COSINE:
+            dist = hn[None, :] - acc * inv[:, None]
+        else:
+            dist = hn[None, :] - acc
+        upd = dist < best_v
+        best_v = tl.where(upd, dist, best_v)
+        best_i = tl.where(upd, offs_k[None, :], best_i)
+
+    row_min = tl.min(best_v, axis=1)
+    cand = tl.where(best_v == row_min[:, None], best_i, 2147483647)
+    row_arg = tl.min(cand, axis=1)
+    row_arg = tl.where(row_arg == 2147483647, k_lo, row_arg)  # NaN rows: any valid code
+    if FUSED:
+        qoff = _row_offsets(offs_n, C, H, W, D, s_qb, s_qc, s_qy, s_qx, Q_CONTIG)
+        _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, row_arg,
+                     inv, D, s_zc, s_qc, BLOCK_N, BLOCK_D, BF16_BITS)
+    else:
+        tl.store(pval_ptr + pid_s * N + offs_n, row_min, mask=mask_n)
+        tl.store(pidx_ptr + pid_s * N + offs_n, row_arg, mask=mask_n)
+
+
+@triton.jit
+def _vq_assign_kernel(
+    z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, pval_ptr, pidx_ptr,
+    N, D, C, H, W, SPLIT,
+    s_zb, s_zc, s_zy, s_zx, s_qb, s_qc, s_qy, s_qx,
+    COSINE: tl.constexpr, Z_CONTIG: tl.constexpr, Q_CONTIG: tl.constexpr, BF16_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split-K search: reduce the SPLIT partial (min, argmin) in split order (ties -> smallest code), then assign."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    best_v = tl.load(pval_ptr + offs_n, mask=mask_n, other=0.0)
+    best_i = tl.load(pidx_ptr + offs_n, mask=mask_n, other=0)
+    for s in range(1, SPLIT):
+        v = tl.load(pval_ptr + s * N + offs_n, mask=mask_n, other=0.0)
+        i = tl.load(pidx_ptr + s * N + offs_n, mask=mask_n, other=0)
+        upd = v < best_v
+        best_v = tl.where(upd, v, best_v)
+        best_i = tl.where(upd, i, best_i)
+    zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
+    qoff = _row_offsets(offs_n, C, H, W, D, s_qb, s_qc, s_qy, s_qx, Q_CONTIG)
+    if COSINE:
+        inv = _inv_norm(z_ptr, zoff, mask_n, D, s_zc, BLOCK_N, BLOCK_D)
+    else:
+        inv = tl.full([BLOCK_N], 1.0, tl.float32)
+    _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, best_i, inv,
+                 D, s_zc, s_qc, BLOCK_N, BLOCK_D, BF16_BITS)
+
+
+@triton.jit
+def _vq_backward_kernel(
+    z_ptr, gzq_ptr, gz_ptr, cbf_ptr, idx_ptr, gcb_ptr, scale_ptr,  # scale = [2*g_codebook, 2*g_commit] / numel
+    N, D, C, H, W,
+    s_zb, s_zc, s_zy, s_zx, s_gb, s_gc, s_gy, s_gx, s_ob, s_oc, s_oy, s_ox,
+    COSINE: tl.constexpr, HAS_GZQ: tl.constexpr, NEED_GZ: tl.constexpr, ATOMIC_CB: tl.constexpr,
+    Z_CONTIG: tl.constexpr, G_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr, BF16_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per row: dL/dz = g_zq + 2*g_commit/numel * (zn - e), chained through F.normalize when COSINE; with
+    ATOMIC_CB also codebook[idx] += 2*g_codebook/numel * (e - zn) by fp32 atomics (order-dependent rounding)."""
+    offs_n = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = offs_d[None, :].to(tl.int64)
+    m = mask_n[:, None] & (offs_d < D)[None, :]
+    zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
+    x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32)
+    if COSINE:
+        nrm = tl.sqrt(tl.sum(x * x, axis=1))
+        inv = 1.0 / tl.maximum(nrm, 1e-6)
+        x = x * inv[:, None]
+    code = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
+    e = tl.load(cbf_ptr + code[:, None] * D + cols, mask=m, other=0.0)
+    if NEED_GZ:
+        c_commit = tl.load(scale_ptr + 1)
+        g = c_commit * (x - e)
+        if HAS_GZQ:
+            goff = _row_offsets(offs_n, C, H, W, D, s_gb, s_gc, s_gy, s_gx, G_CONTIG)
+            g += tl.load(gzq_ptr + goff[:, None] + cols * s_gc, mask=m, other=0.0).to(tl.float32)
+        if COSINE:  # d(x/max(|x|,eps)): (g - xn (xn.g)) / |x| above eps, g / eps below
+            proj = tl.sum(x * g, axis=1)
+            g = tl.where((nrm > 1e-6)[:, None], g - x * proj[:, None], g) * inv[:, None]
+        ooff = _row_offsets(offs_n, C, H, W, D, s_ob, s_oc, s_oy, s_ox, O_CONTIG)
+        tl.store(gz_ptr + ooff[:, None] + cols * s_oc, _cast_out(g, gz_ptr.dtype.element_ty, BF16_BITS), mask=m)
+    if ATOMIC_CB:
+        c_cb = tl.load(scale_ptr)
+        tl.atomic_add(gcb_ptr + code[:, None] * D + cols, c_cb * (e - x), mask=m)
+
+
+@triton.jit
+def _vq_codebook_grad_kernel(
+    z_ptr, cbf_ptr, order_ptr, offsets_ptr, gcb_ptr, scale_ptr,  # order: rows sorted by code (stable); offsets [K+1]
+    D, C, H, W, s_zb, s_zc, s_zy, s_zx,
+    COSINE: tl.constexpr, Z_CONTIG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Deterministic codebook gradient: program k sums 2*g_codebook/numel * (e_k - zn) over its rows in a fixed
+    order (stable sort, fixed tile shape, fixed tree reduction), so repeated runs are bit-identical."""
+    k = tl.program_id(0)
+    start = tl.load(offsets_ptr + k)
+    end = tl.load(offsets_ptr + k + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = offs_d[None, :].to(tl.int64)
+    mask_d = offs_d < D
+    e = tl.load(cbf_ptr + k * D + offs_d, mask=mask_d, other=0.0)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask_r = rows < end
+        n = tl.load(order_ptr + rows, mask=mask_r, other=0)
+        m = mask_r[:, None] & mask_d[None, :]
+        zoff = _row_offsets(n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
+        x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32)
+        if COSINE:
+            x = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-6)[:, None]
+        acc += tl.where(m, e[None, :] - x, 0.0)
+    c_cb = tl.load(scale_ptr)
+    tl.store(gcb_ptr + k * D + offs_d, tl.sum(acc, axis=0) * c_cb, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_k(n_rows: int, K: int, device: torch.device) -> int:
+    """Split the codebook across programs when the row tiles alone cannot fill the GPU (small N, big K)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_tiles = triton.cdiv(n_rows, 128)
+    split = 1
+    while row_tiles * split < 2 * sms and K // (2 * split) >= 1024:
+        split *= 2
+    return split
+
+
+def _vq_forward(z: Tensor, cbf: Tensor, channels: int, *, cosine: bool, allow_tf32: bool,
+                split_k: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """z [B, C*D, H, W], cbf fp32 [K, D] (already normalised when cosine) -> z_q (like z), indices int64 [N],
+    counts int64 [K], per-row squared error fp32 [N]. Memory added: O(N + K*D)."""
+    B, _, H, W = z.shape
+    K, D = cbf.shape
+    C = channels
+    N = B * C * H * W
+    if N >= 2**31:
+        raise ValueError(f"multichannel_vq: {N} vectors; the triton backend indexes rows in int32 (< 2**31). "
+                         "Quantize in smaller batches or use backend='torch'")
+    cbf = cbf.detach().contiguous()
+    low_precision = z.dtype in (torch.bfloat16, torch.float16)
+    cbd = cbf.to(z.dtype) if low_precision else cbf  # tensor-core operand; the gather and losses stay fp32
+    hn = 0.5 * (cbf * cbf).sum(1)
+    zq = torch.empty_like(z)
+    idx = torch.empty(N, dtype=torch.int64, device=z.device)
+    counts = torch.zeros(K, dtype=torch.int32, device=z.device)
+    sqerr = torch.empty(N, dtype=torch.float32, device=z.device)
+    split = split_k if split_k is not None else _split_k(N, K, z.device)
+    split = max(1, min(split, K))
+    fused = split == 1
+    pval = torch.empty((split, N) if not fused else (1,), dtype=torch.float32, device=z.device)
+    pidx = torch.empty((split, N) if not fused else (1,), dtype=torch.int32, device=z.device)
+    precision = "tf32" if (allow_tf32 and not low_precision and not INTERPRET) else "ieee"
+    d_pad = max(16, triton.next_power_of_2(D))
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), split)
+
+    _vq_search_kernel[grid](
+        z, cbd, hn, cbf, zq, idx, counts, sqerr, pval, pidx,
+        N, K, D, C, H, W, N.bit_length(), split, *z.stride(), *zq.stride(),
+        COSINE=cosine, FUSED=fused, Z_CONTIG=z.is_contiguous(), Q_CONTIG=zq.is_contiguous(), D_PAD=d_pad,
+        DOT_PRECISION=precision,
+        UPCAST=INTERPRET and low_precision,  # the interpreter's bf16/fp16 tl.dot is wrong: do it in fp32
+        BF16_BITS=INTERPRET and z.dtype == torch.bfloat16,
+    )
+    if not fused:
+        block_n = 32 if INTERPRET else 128
+        _vq_assign_kernel[(triton.cdiv(N, block_n),)](
+            z, cbf, zq, idx, counts, sqerr, pval, pidx, N, D, C, H, W, split, *z.stride(), *zq.stride(),
+            COSINE=cosine, Z_CONTIG=z.is_contiguous(), Q_CONTIG=zq.is_contiguous(),
+            BF16_BITS=INTERPRET and z.dtype == torch.bfloat16, BLOCK_N=block_n,
+            BLOCK_D=min(d_pad, 64), num_warps=4,
+        )
+    return zq, idx, counts.long(), sqerr
+
+
+def _vq_backward(z: Tensor, cbf: Tensor, idx: Tensor, counts: Tensor, g_zq: Optional[Tensor], scale: Tensor, *,
+                 channels: int, cosine: bool, need_gz: bool, need_gcb: bool,
+                 deterministic: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of sum(g_zq * z_q) + g_cb*codebook_loss + g_commit*commitment_loss; scale = [2 g_cb, 2 g_commit]/numel.
+
+    Returns dL/dz (dtype and layout of z) and dL/dcbf (fp32 [K, D]); None where not needed.
+    """
+    B, _, H, W = z.shape
+    K, D = cbf.shape
+    N = idx.numel()
+    block_r, block_d, warps = backward_blocks(D)
+    gz = torch.empty_like(z) if need_gz else None
+    gcb = torch.zeros(K, D, dtype=torch.float32, device=z.device) if need_gcb else None
+    atomic = need_gcb and not deterministic
+    if need_gz or atomic:
+        gzq = g_zq if g_zq is not None else z  # dummy pointer when HAS_GZQ is False
+        out = gz if gz is not None else z
+        _vq_backward_kernel[(triton.cdiv(N, block_r),)](
+            z, gzq, out, cbf, idx, gcb if gcb is not None else cbf, scale, N, D, channels, H, W,
+            *z.stride(), *gzq.stride(), *out.stride(),
+            COSINE=cosine, HAS_GZQ=g_zq is not None, NEED_GZ=need_gz, ATOMIC_CB=atomic, Z_CONTIG=z.is_contiguous(),
+            G_CONTIG=gzq.is_contiguous(), O_CONTIG=out.is_contiguous(),
+            BF16_BITS=INTERPRET and z.dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    if need_gcb and deterministic:
+        order = torch.sort(idx, stable=True).indices  # rows grouped by code, ties in row order
+        offsets = torch.zeros(K + 1, dtype=torch.int64, device=z.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        _vq_codebook_grad_kernel[(K,)](
+            z, cbf, order, offsets, gcb, scale, D, channels, H, W, *z.stride(),
+            COSINE=cosine, Z_CONTIG=z.is_contiguous(), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+    return gz, gcb
+
+
+# ----------------------------------------------------------------------------------------------
 # torch reference
 # ----------------------------------------------------------------------------------------------
 
@@ -127,7 +485,7 @@ def multichannel_vq_ref(z: Tensor, codebook: Tensor, channels: int, *, cosine: b
         e = cb[idx]  # [N, d]; gather -> index_add backward into the codebook
         codebook_loss = (zv.detach() - e).pow(2).mean()
         commitment_loss = (zv - e.detach()).pow(2).mean()
-        zq = zv + (e - zv).detach()  # straight-through
+        zq = e.detach() + (zv - zv.detach())  # straight-through: value exactly e, gradient only to z
         zq = zq.reshape(B, C, h, w, d).permute(0, 1, 4, 2, 3).reshape(B, C * d, h, w).to(z.dtype)
     counts = torch.bincount(idx, minlength=K)
     return VQResult(_restore_layout(zq, z), idx.reshape(B, C, h, w), counts, codebook_loss, commitment_loss)
@@ -151,12 +509,24 @@ def resolve_backend(z: Tensor, backend: Optional[str] = None) -> str:
             backend, source = env.lower(), f"${BACKEND_ENV}"
         else:
             backend = "triton" if z.is_cuda else "torch"
+        if backend == "triton" and not HAS_TRITON:
+            log.warning("multichannel_vq: Triton is not installed; using the torch reference on %s", z.device)
+            backend = "torch"
     if backend not in BACKENDS:
         raise ValueError(f"multichannel_vq: unknown backend {backend!r} from {source}; expected one of {BACKENDS}")
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError(f"multichannel_vq: backend 'triton' (from {source}) needs the triton package "
+                         "(pip install triton, Linux); use backend='torch'")
     if backend == "triton" and not z.is_cuda and not _interpreter_on():
         raise ValueError(f"multichannel_vq: backend 'triton' (from {source}) got a {z.device.type} tensor; Triton "
                          "kernels need a CUDA tensor, or set TRITON_INTERPRET=1 before importing kernels to run "
                          "them in Triton's interpreter on CPU (slow; for tests)")
+    if backend == "triton" and not z.is_cuda and not INTERPRET:
+        raise ValueError("multichannel_vq: TRITON_INTERPRET=1 was set after kernels/vq.py was imported; the kernels "
+                         "were built for the GPU. Set it before the first import of kernels (e.g. in conftest.py)")
+    if backend == "triton" and z.is_cuda and INTERPRET:
+        raise ValueError("multichannel_vq: kernels were imported under TRITON_INTERPRET=1 (CPU interpreter) but z is "
+                         "on CUDA; unset TRITON_INTERPRET or move z to the CPU")
     return backend
 
 
@@ -178,6 +548,48 @@ def multichannel_vq(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool 
                                    allow_tf32=allow_tf32)
 
 
-def _multichannel_vq_triton(z, codebook, channels, *, cosine, deterministic, allow_tf32):
-    raise NotImplementedError("multichannel_vq: the Triton backend is not implemented yet (issue 4); "
-                              f"use backend='torch' or {BACKEND_ENV}=torch")
+class _MultichannelVQ(torch.autograd.Function):
+    """Fused forward (search + assignment + squared error) and backward; cbf is the fp32 (normalised) codebook."""
+
+    @staticmethod
+    def forward(ctx, z, cbf, channels, cosine, deterministic, allow_tf32):
+        zq, idx, counts, sqerr = _vq_forward(z, cbf, channels, cosine=cosine, allow_tf32=allow_tf32)
+        loss = sqerr.sum() / (idx.numel() * cbf.shape[1])
+        ctx.save_for_backward(z, cbf, idx, counts)
+        ctx.channels, ctx.cosine, ctx.deterministic = channels, cosine, deterministic
+        ctx.mark_non_differentiable(idx, counts)
+        ctx.set_materialize_grads(False)  # an unused output sends None: skip its term
+        return zq, idx, counts, loss, loss.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_zq, _g_idx, _g_counts, g_codebook, g_commit):
+        z, cbf, idx, counts = ctx.saved_tensors
+        need_gz = ctx.needs_input_grad[0] and (g_zq is not None or g_commit is not None)
+        need_gcb = ctx.needs_input_grad[1] and g_codebook is not None
+        if not (need_gz or need_gcb):
+            return None, None, None, None, None, None
+        zero = torch.zeros((), dtype=torch.float32, device=z.device)
+        scale = torch.stack([(g if g is not None else zero).float().reshape(()) for g in (g_codebook, g_commit)])
+        scale = (scale * (2.0 / (idx.numel() * cbf.shape[1]))).contiguous()  # stays on device: no sync
+        gz, gcb = _vq_backward(z, cbf, idx, counts, g_zq, scale, channels=ctx.channels, cosine=ctx.cosine,
+                               need_gz=need_gz, need_gcb=need_gcb, deterministic=ctx.deterministic)
+        return gz, gcb, None, None, None, None
+
+
+def _multichannel_vq_triton(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool, deterministic: bool,
+                            allow_tf32: bool) -> VQResult:
+    if z.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"multichannel_vq: the triton backend takes z in {_FLOAT_DTYPES}, got {z.dtype}; "
+                         "use backend='torch'")
+    B, _, h, w = z.shape
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        cbf = codebook.float()
+        if cosine:  # K x d: cheap in torch, and autograd chains the codebook gradient through it
+            cbf = F.normalize(cbf, dim=-1, eps=NORM_EPS)
+        if z.is_cuda:
+            with torch.cuda.device(z.device):
+                zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(z, cbf, channels, cosine, deterministic, allow_tf32)
+        else:
+            zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(z, cbf, channels, cosine, deterministic, allow_tf32)
+    return VQResult(zq, idx.view(B, channels, h, w), counts, lcb, lcm)
