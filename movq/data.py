@@ -1,0 +1,834 @@
+"""Training images: webdataset tar shards, plain image folders, and a built-in offline dataset.
+
+References: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
+share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample), the ``DistributedSampler.set_epoch``
+idiom, and taming-transformers' loaders (shorter side to S, then an S×S crop).
+
+What the trainer gets from ``build_dataloader(cfg, split, rank=, world_size=, labels=, epoch=)``:
+a ``DataLoader`` yielding dicts
+
+* ``image``: float32 [B, 3, S, S] in [-1, 1] (S = ``cfg.image_size``),
+* ``label``: int64 [B], the class index, or -1 when ``labels=False`` (``labels=True`` on an
+  unlabeled dataset raises),
+* ``key``: list of B sample keys (file paths or shard keys),
+* ``skipped`` / ``converted``: dict reason → count, for that worker since its previous batch;
+  the trainer sums them over batches (and ranks) to report how much bad input it met.
+  Skip reasons: corrupt, truncated, not_image, too_large, empty, unsupported_mode, bad_label,
+  io_error, truncated_shard. Conversions: ``mode:<PIL mode>`` (L, LA, P, RGBA, CMYK, I;16, ...)
+  and ``upscaled`` (an image smaller than S).
+
+``train`` is epoch-based: every rank yields exactly ``steps_per_epoch = epoch_length //
+(batch_size * world_size)`` full batches per epoch, so ranks stay in step however many images
+are skipped. Epoch ``e`` is a pure function of (seed, e, rank, world_size, num_workers); ranks
+draw disjoint slices of each epoch's permutation (of files, or of shards followed by a
+per-worker shuffle buffer), topped up from the next permutation when skips or a long epoch
+need it. To resume at step N: build epoch ``N // steps_per_epoch`` and drop its first
+``N % steps_per_epoch`` batches (``train_batches(start_step=N)`` does this; accelerate's
+``skip_first_batches`` gives the same result).
+
+``val`` is finite and deterministic (no augmentation, centre crop); each image is seen once
+across ranks (folders split by file, shards by shard: make at least world_size × num_workers
+val shards). Ranks may get different numbers of batches, so the trainer accumulates metric
+sums locally and reduces them once after the loop (no per-batch gather).
+
+These loaders are already per rank: do not pass them through ``accelerator.prepare`` (it would
+re-split or dispatch them); move batches to the device yourself.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from movq.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "movq-shards/1"
+CACHE_ENV = "MOVQ_CACHE_DIR"
+_MAX_LOGGED = 5  # skip warnings per reason and worker; the counts themselves always go on
+
+
+def cache_dir(explicit: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """``explicit``, else ``$MOVQ_CACHE_DIR``, else ``~/.cache/movq``."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "movq"
+
+
+# --------------------------------------------------------------------------------------
+# Decoding: bytes → RGB image → S×S uint8, or a counted reason why not
+# --------------------------------------------------------------------------------------
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, min_size: int = 0) -> tuple[Image.Image, Optional[str]]:
+    """Decode to RGB. Returns (image, conversion), conversion ``"mode:<mode>"`` when the stored
+    mode was not RGB. ``min_size`` lets JPEG decode at a reduced scale that stays ≥ min_size.
+    Raises ``SkipSample`` (corrupt | truncated | too_large | empty | unsupported_mode)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if min_size and img.format == "JPEG":
+            img.draft(img.mode, (min_size, min_size))
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise SkipSample("too_large", str(e)) from None
+    except UnidentifiedImageError as e:
+        raise SkipSample("corrupt", str(e)) from None
+    except Exception as e:  # PIL reports damage as OSError, ValueError, SyntaxError, struct.error...
+        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
+        raise SkipSample(reason, f"{type(e).__name__}: {e}") from None
+    if img.width == 0 or img.height == 0:
+        raise SkipSample("empty")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not cost the image; keep it unrotated
+        pass
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, Optional[str]]:
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    conversion = f"mode:{mode}"
+    try:
+        if mode == "I" or mode.startswith("I;16"):
+            # 16-bit samples (PNG/TIFF): map 0..65535 onto 0..255 rather than clip at 255.
+            a = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+            return Image.fromarray(np.round(a).astype(np.uint8)).convert("RGB"), conversion
+        if mode == "F":
+            a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a  # float images are [0,1] or [0,255]
+            return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB"), conversion
+        if mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            if img.mode == "RGB":
+                return img, conversion
+        if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+            # Transparent pixels hold arbitrary colours; show them over white as a viewer would.
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB"), conversion
+        return img.convert("RGB"), conversion
+    except (ValueError, OSError) as e:
+        raise SkipSample("unsupported_mode", f"{mode}: {e}") from None
+
+
+def crop_square(
+    img: Image.Image, size: int, rng: Optional[np.random.Generator] = None
+) -> tuple[Image.Image, bool]:
+    """The largest square (centred, or at a random offset when ``rng`` is given) resized to
+    size × size, i.e. shorter side → size then crop. Returns (image, upscaled)."""
+    W, H = img.size
+    side = min(W, H)
+    if rng is None:
+        left, top = (W - side) // 2, (H - side) // 2
+    else:
+        left, top = int(rng.integers(0, W - side + 1)), int(rng.integers(0, H - side + 1))
+    box = (left, top, left + side, top + side)
+    if side == size:
+        return img.crop(box), False
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box), side < size
+
+
+# --------------------------------------------------------------------------------------
+# Shards: writing (deterministic tars + manifest) and reading
+# --------------------------------------------------------------------------------------
+class ShardWriter:
+    """Writes samples to ``out_dir/{prefix}-{i:06d}.tar``, ``maxcount`` samples per shard.
+
+    Headers carry no time or owner, so equal input gives byte-identical shards (and checksums);
+    each shard is written under a temporary name and renamed when complete."""
+
+    def __init__(self, out_dir: Union[str, os.PathLike], prefix: str = "shard", maxcount: int = 1000):
+        if maxcount < 1:
+            raise ValueError(f"maxcount must be ≥ 1, got {maxcount}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.maxcount = prefix, maxcount
+        self.shards: list[dict] = []  # {"name", "count", "sha256"} per finished shard
+        self._tar: Optional[tarfile.TarFile] = None
+        self._count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
+        if self._tar is None:
+            name = f"{self.prefix}-{len(self.shards):06d}.tar"
+            self._tar = tarfile.open(self.out_dir / f".{name}.tmp", "w", format=tarfile.USTAR_FORMAT)
+            self._name, self._count = name, 0
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.maxcount:
+            self._finish()
+
+    def flush(self) -> None:
+        """End the current shard now (the next sample starts a new one)."""
+        if self._tar is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        tmp = self.out_dir / f".{self._name}.tmp"
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, self.out_dir / self._name)
+        self.shards.append({"name": self._name, "count": self._count, "sha256": digest})
+        self._tar = None
+
+    def close(self) -> list[dict]:
+        self.flush()
+        return self.shards
+
+
+def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:
+    """Write ``manifest.json``: format, count, shards (name, count, sha256) and ``info``
+    (classes, image_size, image_format, skipped, ...). Atomic (temp file + rename)."""
+    manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards), **info,
+                "shards": shards}
+    path = Path(out_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+    return manifest
+
+
+def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("shards"), list):
+            raise ValueError(f"format is not {MANIFEST_FORMAT}")
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
+    return manifest
+
+
+def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
+    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths.
+    Every shard must exist: a missing one fails here, naming it."""
+    from webdataset.shardlists import expand_urls
+
+    urls = list(pattern) if not isinstance(pattern, str) else expand_urls(pattern)
+    if not urls:
+        raise ValueError(f"shard pattern {pattern!r} matches no shards")
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist, e.g. {missing[:3]}"
+        )
+    return urls
+
+
+def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample; key = member path up to the first '.' of its name.
+    A tar that breaks off raises ``tarfile.TarError``/``OSError`` after the samples before it."""
+    key, members = None, {}
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            head, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            this = f"{head}/{stem}" if head else stem
+            if key is not None and this != key:
+                yield key, members
+                members = {}
+            key = this
+            members[ext.lower()] = tar.extractfile(m).read()
+    if key is not None:
+        yield key, members
+
+
+# --------------------------------------------------------------------------------------
+# Sources: where raw samples come from, and when bad input must become an error
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Raw:
+    key: str
+    data: Optional[bytes]
+    label: int
+    origin: int  # folder: file index; shards: id of this read of a shard
+    skip: Optional[str] = None  # known unusable before decoding
+
+
+class _FolderHealth:
+    """Skipping some files is fine; every file of the folder failing (since the last success)
+    is an error, raised instead of looping forever."""
+
+    def __init__(self, n_files: int, where: str):
+        self.n_files, self.where = n_files, where
+        self.failed: Optional[np.ndarray] = None  # files failed since the last success
+        self.n_failed, self.reasons = 0, Counter()
+
+    def result(self, raw: _Raw, reason: Optional[str]) -> None:
+        if reason is None:
+            self.failed, self.n_failed, self.reasons = None, 0, Counter()
+            return
+        if self.failed is None:
+            self.failed = np.zeros(self.n_files, dtype=bool)
+        self.reasons[reason] += 1
+        if not self.failed[raw.origin]:
+            self.failed[raw.origin] = True
+            self.n_failed += 1
+        if self.n_failed == self.n_files:
+            raise RuntimeError(
+                f"none of the {self.n_files} image files under {self.where} could be used "
+                f"(reasons: {dict(self.reasons)})"
+            )
+
+
+@dataclass
+class _ShardRead:
+    path: str
+    n: int = 0  # samples read so far
+    pending: int = 0  # read but not yet decoded (they wait in the shuffle buffer)
+    good: int = 0
+    done: bool = False
+    reasons: Counter = field(default_factory=Counter)
+
+
+class _ShardHealth:
+    """Skipping some samples is fine; a shard read to its end without one usable image is an
+    error (wrong content, or a broken writer), named in the message."""
+
+    def __init__(self):
+        self.reads: dict[int, _ShardRead] = {}
+        self._ids = itertools.count()
+
+    def open(self, path: str) -> int:
+        read_id = next(self._ids)
+        self.reads[read_id] = _ShardRead(path)
+        return read_id
+
+    def sample(self, read_id: int) -> None:
+        self.reads[read_id].n += 1
+        self.reads[read_id].pending += 1
+
+    def close(self, read_id: int) -> None:
+        self.reads[read_id].done = True
+        self._check(read_id)
+
+    def result(self, raw: _Raw, reason: Optional[str]) -> None:
+        state = self.reads[raw.origin]
+        state.pending -= 1
+        if reason is None:
+            state.good += 1
+        else:
+            state.reasons[reason] += 1
+        self._check(raw.origin)
+
+    def _check(self, read_id: int) -> None:
+        state = self.reads[read_id]
+        if not state.done or state.pending:
+            return
+        del self.reads[read_id]
+        if state.good == 0:
+            raise RuntimeError(
+                f"shard {state.path} is unreadable: none of its {state.n} samples holds a "
+                f"usable image" + (f" (reasons: {dict(state.reasons)})" if state.reasons else "")
+            )
+
+
+def _pass_shares(consumer: int, consumers: int, n: int, perm) -> Iterator[list[int]]:
+    """The share of consumer k in each pass p = 0, 1, ... over n items: the items of permutation
+    ``perm(p)`` at positions k, k+C, k+2C... of the concatenation of all passes. Shares are
+    disjoint within a pass, and a consumer gets items even when n < C (in some passes)."""
+    for p in itertools.count():
+        order = perm(p)
+        first = (consumer - p * n) % consumers  # first j with (p*n + j) ≡ k (mod C)
+        yield [int(order[j]) for j in range(first, n, consumers)]
+
+
+class _FolderSource:
+    def __init__(self, root: str, labels: bool, classes: Optional[list[str]] = None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.files = list_images(self.root)
+        if not self.files:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTS)}) under {self.root}")
+        self.count = len(self.files)
+        self.classes = classes if classes is not None else folder_classes(self.root)
+        self.labels = np.full(self.count, -1, dtype=np.int64)
+        if labels:
+            if not self.classes:
+                raise ValueError(f"labels requested but {self.root} has no class sub-folders")
+            index = {c: i for i, c in enumerate(self.classes)}
+            for i, f in enumerate(self.files):
+                top = f.split("/", 1)[0]
+                if "/" not in f or top not in index:
+                    raise ValueError(f"{self.root / f}: not in a class sub-folder of {self.classes[:5]}...")
+                self.labels[i] = index[top]
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _sample(self, i: int) -> _Raw:
+        try:
+            data = (self.root / self.files[i]).read_bytes()
+        except OSError:
+            return _Raw(self.files[i], None, int(self.labels[i]), i, skip="io_error")
+        return _Raw(self.files[i], data, int(self.labels[i]), i)
+
+    def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health) -> Iterator[_Raw]:
+        perm = lambda p: np.random.default_rng([seed, epoch, p, 1]).permutation(self.count)  # noqa: E731
+        for share in _pass_shares(consumer, consumers, self.count, perm):
+            for i in share:
+                yield self._sample(i)
+
+    def val_stream(self, consumer, consumers, health) -> Iterator[_Raw]:
+        for i in range(consumer, self.count, consumers):
+            yield self._sample(i)
+
+    def health(self) -> _FolderHealth:
+        return _FolderHealth(self.count, str(self.root))
+
+
+class _ShardSource:
+    def __init__(self, pattern: Union[str, Sequence[str]], labels: bool):
+        self.pattern = pattern
+        self.shards = expand_shards(pattern)
+        self.want_labels = labels
+        manifest = read_manifest(Path(self.shards[0]).parent)
+        self.count, self.classes = None, None
+        if manifest is not None:
+            counts = {s["name"]: s["count"] for s in manifest["shards"]}
+            if all(Path(u).name in counts for u in self.shards):
+                self.count = sum(counts[Path(u).name] for u in self.shards)
+            self.classes = manifest.get("classes") or None
+            if labels and not self.classes:
+                raise ValueError(f"labels requested but the manifest of {pattern} lists no classes")
+
+    def describe(self) -> str:
+        return str(self.pattern)
+
+    def _read(self, index: int, health: _ShardHealth) -> Iterator[_Raw]:
+        path = self.shards[index]
+        read_id = health.open(path)
+        n = 0
+        try:
+            for key, members in iter_tar(path):
+                n += 1
+                health.sample(read_id)
+                yield self._raw(key, members, read_id)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if n == 0:
+                raise RuntimeError(f"shard {path} is unreadable: {type(e).__name__}: {e}") from None
+            logger.warning("shard %s breaks off after %d samples (%s); using those", path, n, e)
+            health.sample(read_id)  # the broken tail counts as one skipped sample
+            yield _Raw(f"{path}:<tail>", None, -1, read_id, skip="truncated_shard")
+        health.close(read_id)
+
+    def _raw(self, key: str, members: dict[str, bytes], read_id: int) -> _Raw:
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        label, skip = -1, None
+        if self.want_labels:
+            try:
+                label = int(members["cls"].decode().strip())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                skip = "bad_label"
+            if self.classes and not 0 <= label < len(self.classes):
+                skip = "bad_label"
+        if ext is None:
+            skip = "not_image"
+        return _Raw(key, members.get(ext) if ext else None, label, read_id, skip)
+
+    def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health) -> Iterator[_Raw]:
+        perm = lambda p: np.random.default_rng([seed, epoch, p, 2]).permutation(len(self.shards))  # noqa: E731
+        # The buffer drains at the end of each pass's share, so that ranks never read ahead
+        # into the next pass: within a pass, ranks see disjoint samples.
+        for share in _pass_shares(consumer, consumers, len(self.shards), perm):
+            stream = itertools.chain.from_iterable(self._read(i, health) for i in share)
+            yield from _shuffled(stream, rng, buffer)
+
+    def val_stream(self, consumer, consumers, health) -> Iterator[_Raw]:
+        for i in range(consumer, len(self.shards), consumers):
+            yield from self._read(i, health)
+
+    def health(self) -> _ShardHealth:
+        return _ShardHealth()
+
+
+def _shuffled(stream: Iterator[_Raw], rng: np.random.Generator, size: int) -> Iterator[_Raw]:
+    """webdataset-style shuffle buffer: grows to ``size`` (two in per one out), starts yielding
+    after a few items so an epoch does not wait for a full buffer, drains at the end."""
+    buf: list[_Raw] = []
+    initial = min(size, 64)
+    stream = iter(stream)
+    for item in stream:
+        buf.append(item)
+        if len(buf) < size:
+            nxt = next(stream, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) >= initial:
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    while buf:
+        j = int(rng.integers(len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files under ``root`` (recursive, by extension), as sorted '/'-joined relative paths."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            if not name.startswith(".") and name.rpartition(".")[2].lower() in IMAGE_EXTS:
+                found.append(name if rel == "." else f"{rel}/{name}")
+    return sorted(found)
+
+
+def folder_classes(root: Path) -> Optional[list[str]]:
+    """Sorted sub-folder names of ``root`` (the ImageFolder convention), or None if none."""
+    names = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    return names or None
+
+
+# --------------------------------------------------------------------------------------
+# The per-rank batch stream
+# --------------------------------------------------------------------------------------
+class ImageStream(IterableDataset):
+    """Batches of one rank (see the module docstring). ``num_classes``: from the manifest or
+    the class folders, else None. ``steps_per_epoch``: batches per rank per train epoch."""
+
+    def __init__(self, source, *, train: bool, image_size: int, batch_size: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, epoch: int, labels: bool,
+                 random_flip: bool, epoch_length: Optional[int], shuffle_buffer: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or image_size < 1:
+            raise ValueError(f"batch_size and image_size must be ≥ 1, got {batch_size}, {image_size}")
+        self.source, self.train = source, train
+        self.image_size, self.batch_size = image_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)  # 0 workers: one in-process "worker"
+        self.seed = seed % 2**32  # SeedSequence wants a non-negative entropy
+        self.epoch, self.labels, self.random_flip = epoch, labels, random_flip
+        self.shuffle_buffer = shuffle_buffer
+        self.num_classes = len(source.classes) if source.classes else None
+        self.steps_per_epoch = 0
+        if train:
+            length = epoch_length or source.count
+            if not length:
+                raise ValueError(
+                    f"data.epoch_length must be set: {source.describe()} has no manifest.json "
+                    "to count its samples"
+                )
+            self.steps_per_epoch = max(1, length // (batch_size * world_size))
+        elif isinstance(source, _ShardSource) and len(source.shards) < world_size * self.num_workers:
+            logger.warning(
+                "%d val shards for %d ranks × %d workers: some readers get none (each image is "
+                "still seen once)", len(source.shards), world_size, self.num_workers,
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Takes effect at the next ``iter`` (workers are not persistent)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.steps_per_epoch
+        if isinstance(self.source, _FolderSource):  # val: exact unless images are skipped
+            C = self.world_size * self.num_workers
+            ks = [self.rank + self.world_size * w for w in range(self.num_workers)]
+            return sum(-(-len(range(k, self.source.count, C)) // self.batch_size) for k in ks)
+        raise TypeError("the number of val batches of a shard dataset is not known in advance")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None:
+            if info.num_workers != self.num_workers:
+                raise RuntimeError(
+                    f"dataset built for {self.num_workers} workers but the DataLoader has "
+                    f"{info.num_workers}: use build_dataloader, or the same data.num_workers"
+                )
+            yield from self._worker(info.id)
+            return
+        # Iterated in-process: interleave the workers' streams exactly as DataLoader would
+        # (round robin, exhausted workers dropped), so the batches do not depend on how many
+        # processes actually run them.
+        active = [self._worker(w) for w in range(self.num_workers)]
+        while active:
+            for gen in list(active):
+                batch = next(gen, None)
+                if batch is None:
+                    active.remove(gen)
+                else:
+                    yield batch
+
+    def _worker(self, w: int) -> Iterator[dict]:
+        consumer = self.rank + self.world_size * w
+        consumers = self.world_size * self.num_workers
+        base = [self.seed, self.epoch, self.rank, self.world_size, self.num_workers, w]
+        shuffle_rng = np.random.default_rng(base + [3])
+        aug_rng = np.random.default_rng(base + [4])
+        health = self.source.health()
+        if self.train:
+            quota = len(range(w, self.steps_per_epoch, self.num_workers))
+            if quota == 0:
+                return
+            raws = self.source.train_stream(self.epoch, self.seed, consumer, consumers,
+                                            shuffle_rng, self.shuffle_buffer, health)
+        else:
+            quota = None
+            raws = self.source.val_stream(consumer, consumers, health)
+        images, labels, keys = [], [], []
+        skipped, converted, logged = Counter(), Counter(), Counter()
+        done, held = 0, None  # val: the last full batch, held back to carry trailing skips
+        for raw in raws:
+            reason = raw.skip
+            if reason is None:
+                try:
+                    arr, conversions = self._load(raw.data, aug_rng)
+                except SkipSample as e:
+                    reason = e.reason
+                    if logged[reason] < _MAX_LOGGED:
+                        logger.warning("skipping %s (%s)", raw.key, e)
+            health.result(raw, reason)
+            if reason is not None:
+                skipped[reason] += 1
+                logged[reason] += 1
+                continue
+            converted.update(conversions)
+            images.append(arr)
+            labels.append(raw.label)
+            keys.append(raw.key)
+            if len(images) < self.batch_size:
+                continue
+            batch = _collate(images, labels, keys, skipped, converted)
+            images, labels, keys = [], [], []
+            skipped, converted = Counter(), Counter()
+            if quota is not None:
+                yield batch
+                done += 1
+                if done == quota:
+                    return
+            else:
+                if held is not None:
+                    yield held
+                held = batch
+        if images:
+            if held is not None:
+                yield held
+            held = _collate(images, labels, keys, skipped, converted)
+        elif held is not None:
+            held["skipped"] = dict(Counter(held["skipped"]) + skipped)
+        elif skipped:
+            logger.warning("val: this reader got no usable image; skipped %s", dict(skipped))
+        if held is not None:
+            yield held
+
+    def _load(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        img, conversion = decode_image(data, min_size=self.image_size)
+        img, upscaled = crop_square(img, self.image_size, rng if self.train else None)
+        arr = np.asarray(img, dtype=np.uint8)  # [S, S, 3]
+        if self.train and self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        conversions = [c for c in (conversion, "upscaled" if upscaled else None) if c]
+        return arr, conversions
+
+
+def _collate(images, labels, keys, skipped: Counter, converted: Counter) -> dict:
+    x = torch.from_numpy(np.stack(images))  # [B, S, S, 3] uint8
+    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # [B, 3, S, S] in [-1, 1]
+    return {"image": x, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+            "skipped": dict(skipped), "converted": dict(converted)}
+
+
+# --------------------------------------------------------------------------------------
+# The built-in dataset: random crops of the photographs shipped with scikit-image / -learn
+# --------------------------------------------------------------------------------------
+_BUILTIN_VERSION = 1  # part of the cache key: bump it when the recipe below changes
+# Validation photographs are never cropped for training; the stereo pair stays together.
+BUILTIN_TRAIN_PHOTOS = (
+    "astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
+    "motorcycle_left", "motorcycle_right", "china", "camera", "moon", "grass", "gravel", "brick",
+)
+BUILTIN_VAL_PHOTOS = ("chelsea", "flower", "coins")
+_BUILTIN_SHARDS = {"train": 8, "val": 4}  # enough for 2 ranks x 2 workers to each get shards
+_BUILTIN_QUALITY = 95
+
+
+def _photo(name: str) -> np.ndarray:
+    """[H, W, 3] uint8 of a photograph shipped inside scikit-learn or scikit-image (offline)."""
+    if name in ("china", "flower"):
+        # The file load_sample_image reads, opened directly: importing sklearn costs seconds.
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError("the builtin dataset needs scikit-learn's sample images")
+        path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / f"{name}.jpg"
+        with Image.open(path) as img:
+            a = np.asarray(img.convert("RGB"))
+    else:
+        import skimage.data
+
+        if name.startswith("motorcycle_"):
+            left, right, _ = skimage.data.stereo_motorcycle()
+            a = left if name == "motorcycle_left" else right
+        else:
+            a = getattr(skimage.data, name)()
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3], dtype=np.uint8)
+
+
+def _builtin_crops(photos: Sequence[str], n: int, size: int, rng: np.random.Generator):
+    """n JPEG crops: a random photo, a square of log-uniform side between max(size, short/4)
+    and the short side (textures to whole scenes), resized to size x size."""
+    images = [Image.fromarray(_photo(p)) for p in photos]
+    for _ in range(n):
+        j = int(rng.integers(len(images)))
+        W, H = images[j].size
+        short = min(W, H)
+        lo = min(short, max(size, short // 4))
+        side = int(round(float(np.exp(rng.uniform(np.log(lo), np.log(short))))))
+        left, top = int(rng.integers(0, W - side + 1)), int(rng.integers(0, H - side + 1))
+        crop = images[j].resize((size, size), Image.Resampling.BICUBIC,
+                                box=(left, top, left + side, top + side))
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=_BUILTIN_QUALITY)
+        yield buf.getvalue(), {"photo": photos[j], "box": [left, top, side]}
+
+
+def builtin_dataset(cfg: DataConfig) -> Path:
+    """Build (once) and return the builtin dataset's folder, holding ``train/`` and ``val/``
+    shards with manifests, under ``cache_dir(cfg.cache_dir)/builtin/`` keyed by its parameters.
+
+    Atomic and safe to race: each process builds in its own temp folder and renames it into
+    place; if another got there first, its (identical) result is kept."""
+    spec = {"version": _BUILTIN_VERSION, "image_size": cfg.image_size, "seed": cfg.seed % 2**32,
+            "train": [list(BUILTIN_TRAIN_PHOTOS), cfg.builtin_train_size],
+            "val": [list(BUILTIN_VAL_PHOTOS), cfg.builtin_val_size],
+            "shards": _BUILTIN_SHARDS, "quality": _BUILTIN_QUALITY}
+    if cfg.builtin_train_size < 1 or cfg.builtin_val_size < 1:
+        raise ValueError("data.builtin_train_size and data.builtin_val_size must be ≥ 1")
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    root = cache_dir(cfg.cache_dir) / "builtin" / f"{cfg.image_size}px-{key}"
+    if (root / "spec.json").is_file():  # written last, so the folder is complete
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
+    logger.info("building the builtin dataset in %s", root)
+    try:
+        for tag, split in enumerate(("train", "val")):
+            photos, n = spec[split]
+            n_shards = min(_BUILTIN_SHARDS[split], n)
+            writer = ShardWriter(tmp / split, maxcount=n)
+            rng = np.random.default_rng([spec["seed"], _BUILTIN_VERSION, tag])
+            for i, (data, meta) in enumerate(_builtin_crops(photos, n, cfg.image_size, rng)):
+                if i and i * n_shards // n != (i - 1) * n_shards // n:
+                    writer.flush()
+                writer.write(f"{i:06d}", {"jpg": data, "json": json.dumps(meta).encode()})
+            write_manifest(tmp / split, writer.close(), classes=[], image_size=cfg.image_size,
+                           image_format="jpg", photos=photos)
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "spec.json").is_file():
+                raise
+            logger.info("another process built %s first; using it", root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+def _source(cfg: DataConfig, split: str, labels: bool):
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.source == "builtin":
+        if labels:
+            raise ValueError("the builtin dataset has no class labels; use data.source=folder or shards")
+        root = builtin_dataset(cfg) / split
+        return _ShardSource(sorted(str(p) for p in root.glob("*.tar")), labels)
+    if cfg.source not in ("folder", "shards"):
+        raise ValueError(f"data.source must be builtin, folder or shards, got {cfg.source!r}")
+    path = getattr(cfg, split)
+    if not path:
+        raise ValueError(f"data.{split} must be set for data.source={cfg.source}")
+    if cfg.source == "shards":
+        return _ShardSource(path, labels)
+    classes = None
+    if labels and split == "val" and cfg.train:
+        classes = folder_classes(Path(cfg.train).expanduser())  # indices as in training
+    return _FolderSource(path, labels, classes)
+
+
+def build_dataset(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
+                  labels: bool = False, epoch: int = 0) -> ImageStream:
+    """The ``ImageStream`` of one rank; ``build_dataloader`` wraps it in a DataLoader."""
+    return ImageStream(
+        _source(cfg, split, labels), train=split == "train", image_size=cfg.image_size,
+        batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+        num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, labels=labels,
+        random_flip=cfg.random_flip, epoch_length=cfg.epoch_length,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+
+
+def build_dataloader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
+                     labels: bool = False, epoch: int = 0) -> DataLoader:
+    """Per-rank loader of dict batches (see the module docstring). ``dl.dataset`` is the
+    ``ImageStream`` (``num_classes``, ``steps_per_epoch``, ``set_epoch``)."""
+    ds = build_dataset(cfg, split, rank=rank, world_size=world_size, labels=labels, epoch=epoch)
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def train_batches(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, labels: bool = False,
+                  start_step: int = 0) -> Iterator[dict]:
+    """Endless training batches from step ``start_step`` on: epoch after epoch, the same
+    batches a run started at step 0 would see at those steps."""
+    dl = build_dataloader(cfg, "train", rank=rank, world_size=world_size, labels=labels)
+    spe = dl.dataset.steps_per_epoch
+    epoch, skip = divmod(start_step, spe)
+    while True:
+        dl.dataset.set_epoch(epoch)
+        yield from itertools.islice(dl, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+def num_classes(cfg: DataConfig) -> Optional[int]:
+    """Classes of the training data (manifest ``classes``, or class sub-folders), else None."""
+    if cfg.source == "builtin":
+        return None
+    return build_dataset(cfg, "train", labels=False).num_classes
