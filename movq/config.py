@@ -108,12 +108,15 @@ class DataConfig:
     image_size: int = 256
     batch_size: int = 8  # per process
     num_workers: int = 2
-    cache_dir: Optional[str] = None  # builtin dataset shards; default ~/.cache/movq
+    cache_dir: Optional[str] = None  # builtin dataset shards; default $MOVQ_CACHE_DIR or ~/.cache/movq
     builtin_train_size: int = 2048  # random crops made for the builtin training split
     builtin_val_size: int = 64
-    epoch_length: Optional[int] = None  # samples per epoch for resampled shards
+    # Samples per training epoch over all ranks (each rank yields epoch_length // (batch_size *
+    # world_size) batches). Default: the dataset size (file count or manifest count).
+    epoch_length: Optional[int] = None
+    shuffle_buffer: int = 1000  # encoded samples held per worker to shuffle within shards
     random_flip: bool = True
-    seed: int = 0
+    seed: int = 0  # data order, augmentation and the builtin dataset's crops
 
 
 @dataclass
