@@ -19,11 +19,11 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from movq.autoencoder import MoVQ
 from movq.config import TokenizerConfig
-from movq.data import build_dataloader
+from movq.data import build_dataloader, train_batches
 from movq.discriminator import PatchDiscriminator
 from movq.losses import TokenizerLoss
 from movq.metrics import TokenizerMetrics
@@ -224,10 +224,8 @@ class TokenizerTrainer:
         vec = torch.tensor([means[k] for k in keys], device=acc.device, dtype=torch.float64)
         vec = acc.reduce(vec, reduction="mean")
         out = {k: float(v) for k, v in zip(keys, vec.tolist())}
-        skipped = torch.tensor([float(v) for v in self.skipped.values()] or [0.0], device=acc.device)
-        skipped = acc.reduce(skipped, reduction="sum")
-        for k, v in zip(self.skipped, skipped.tolist()):
-            out[f"data_skipped/{k}"] = int(v)
+        for k, v in self._skipped_all_ranks().items():
+            out[f"data_skipped/{k}"] = v
         out["lr"] = self.sched_g.get_last_lr()[0]
         out["bad_steps"] = self.guard.total
         out["images_per_s"] = images * acc.num_processes / max(time.time() - t0, 1e-9)
@@ -235,15 +233,21 @@ class TokenizerTrainer:
         acc.log(out, step=self.step)
         return out
 
+    def _skipped_all_ranks(self) -> dict:
+        """Skip counts summed over ranks (reasons may differ between ranks)."""
+        total: dict[str, int] = {}
+        for part in gather_object([self.skipped]):
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def fit(self) -> dict:
         """Train to ``train.max_steps``; returns a summary (steps, time, last eval metrics, paths)."""
         acc, t = self.acc, self.cfg.train
         self.resume()
-        loader = build_dataloader(self.cfg.data, "train", rank=acc.process_index, world_size=acc.num_processes)
-        batches = iter(loader)
-        # Resume: the stream is a pure function of (seed, position); skip what was consumed.
-        for _ in range(self.step * t.grad_accum):
-            next(batches)
+        # The stream is a pure function of (seed, position): a resume continues where it stopped.
+        batches = train_batches(self.cfg.data, rank=acc.process_index, world_size=acc.num_processes,
+                                start_step=self.step * t.grad_accum)
         stop = StopFlag()
         history: list[dict] = []
         last_eval: dict = {}
@@ -298,7 +302,7 @@ class TokenizerTrainer:
             "seconds": time.time() - t_start,
             "eval": last_eval,
             "bad_steps": self.guard.total,
-            "data_skipped": dict(self.skipped),
+            "data_skipped": self._skipped_all_ranks(),
             "run_dir": str(self.run.root),
             "checkpoint": str(self.checkpointer.list()[-1]) if self.checkpointer.list() else None,
         }

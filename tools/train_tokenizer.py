@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(TokenizerConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -1,0 +1,219 @@
+"""The tokenizer trainer: bit-exact resume, NaN guard, crash-safe checkpoints, bad shards, signals,
+and a 2-process CPU run (gloo)."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from movq.autoencoder import MoVQ
+from movq.config import TokenizerConfig, load_config
+from movq.losses import TokenizerLoss
+from movq.trainer import TokenizerTrainer
+from movq.training import NonFiniteError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_cfg(run_dir, cache, **train) -> TokenizerConfig:
+    base = {
+        "model": {"resolution": 16, "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attn_resolutions": [], "mid_attention": False, "norm_groups": 4},
+        "quantizer": {"codebook_size": 16, "channels": 2, "dim": 4, "dead_code_threshold": 0.05},
+        "discriminator": {"base_channels": 8, "n_layers": 1},
+        "loss": {"perceptual_weight": 0.0, "disc_start": 2},
+        "data": {"source": "builtin", "image_size": 16, "batch_size": 2, "num_workers": 0,
+                 "cache_dir": str(cache), "builtin_train_size": 32, "builtin_val_size": 4},
+        "train": {"run_dir": str(run_dir), "max_steps": 6, "log_every": 1, "eval_every": 100,
+                  "save_every": 3, "ema_decay": 0.9, "warmup_steps": 2, "grad_accum": 2, **train},
+    }
+    return load_config(TokenizerConfig, base)
+
+
+def fit(cfg):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = TokenizerTrainer(cfg)
+    return trainer, trainer.fit()
+
+
+def train_records(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def test_resume_is_bit_exact(tmp_path, cache):
+    straight, _ = fit(tiny_cfg(tmp_path / "a", cache))
+    fit(tiny_cfg(tmp_path / "b", cache, max_steps=3))
+    resumed, summary = fit(tiny_cfg(tmp_path / "b", cache, resume="latest"))
+    assert summary["steps"] == 6
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    for step in (4, 5, 6):
+        for key in ("loss", "rec_loss", "d_loss", "quant_loss", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    sa = straight.acc.unwrap_model(straight.model).state_dict()
+    sb = resumed.acc.unwrap_model(resumed.model).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ea, eb = straight.ema.model.state_dict(), resumed.ema.model.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # the saved EMA weights are a loadable tokenizer
+    model = MoVQ.from_pretrained(tmp_path / "a" / "checkpoints" / "0000006" / "ema")
+    assert all(torch.equal(model.state_dict()[k], ea[k]) for k in ea)
+
+
+def test_nan_loss_is_skipped_then_aborts(tmp_path, cache, monkeypatch):
+    original = TokenizerLoss.generator_loss
+    poison = {2}
+
+    def generator_loss(self, x, x_rec, q, step, *args, **kw):
+        loss, logs = original(self, x, x_rec, q, step, *args, **kw)
+        if step in poison:
+            loss = loss * float("nan")
+            logs["loss"] = loss.detach()
+        return loss, logs
+
+    monkeypatch.setattr(TokenizerLoss, "generator_loss", generator_loss)
+    trainer, summary = fit(tiny_cfg(tmp_path / "a", cache, max_steps=4))
+    assert summary["bad_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    recs = train_records(tmp_path / "a")
+    assert recs[3]["bad_steps"] == 1 and np.isfinite(recs[4]["loss"])
+
+    poison.update(range(3, 100))  # from step 3 on every step is bad: abort after max_bad_steps
+    with pytest.raises(NonFiniteError, match="non-finite steps in a row"):
+        fit(tiny_cfg(tmp_path / "b", cache, max_steps=20, max_bad_steps=2))
+    # the last good checkpoint (step 3, saved before the bad run began) is intact
+    assert MoVQ.from_pretrained(tmp_path / "b" / "checkpoints" / "0000003" / "model")
+
+
+def test_crash_mid_checkpoint_keeps_previous(tmp_path, cache, monkeypatch):
+    fit(tiny_cfg(tmp_path / "a", cache, max_steps=3))
+    calls = {"n": 0}
+    original = MoVQ.save_pretrained
+
+    def crashing(self, directory):
+        original(self, directory)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(MoVQ, "save_pretrained", crashing)
+    with pytest.raises(OSError, match="simulated"):
+        fit(tiny_cfg(tmp_path / "a", cache, max_steps=6, resume="latest"))
+    monkeypatch.setattr(MoVQ, "save_pretrained", original)
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert ckpts == ["0000003"]
+    MoVQ.from_pretrained(tmp_path / "a" / "checkpoints" / "0000003" / "model")
+    _, summary = fit(tiny_cfg(tmp_path / "a", cache, max_steps=6, resume="latest"))
+    assert summary["steps"] == 6 and summary["checkpoint"].endswith("0000006")
+
+
+def _jpeg(seed, size=24):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_corrupt_shard_members_are_counted(tmp_path, cache):
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for s in range(2):
+        with tarfile.open(shard_dir / f"train-{s:06d}.tar", "w") as tar:
+            members = [(f"{s}_{i:03d}.jpg", _jpeg(s * 100 + i)) for i in range(6)]
+            members.insert(2, (f"{s}_bad.jpg", _jpeg(999)[:200]))  # truncated
+            members.insert(4, (f"{s}_txt.jpg", b"this is not an image"))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=6, grad_accum=1, eval_every=1000, save_every=1000)
+    cfg.data.source, cfg.data.train = "shards", str(shard_dir / "train-{000000..000001}.tar")
+    cfg.data.val, cfg.data.epoch_length = cfg.data.train, 12  # one epoch = the 12 good images
+    expected: dict = {}  # what the data stream itself reports for those 6 batches
+    from movq.data import train_batches
+
+    for _, batch in zip(range(6), train_batches(cfg.data)):
+        for k, v in batch["skipped"].items():
+            expected[k] = expected.get(k, 0) + v
+    assert set(expected) == {"truncated", "corrupt"}
+    _, summary = fit(cfg)
+    assert summary["steps"] == 6 and summary["data_skipped"] == expected
+    rec = train_records(tmp_path / "run")[6]
+    assert {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("data_skipped/")} == expected
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
+    args = [sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+            f"train.run_dir={tmp_path}", "train.max_steps=100000", "train.log_every=1", "train.save_every=100000",
+            "train.eval_every=100000", "data.batch_size=2", "data.num_workers=0", "data.image_size=32",
+            "model.resolution=32", f"data.cache_dir={cache}", "data.builtin_train_size=32", "data.builtin_val_size=4"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    ckpts = [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert len(ckpts) == 1
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["step"] >= 2 and ckpts[0].name == f"{state['step']:07d}"
+
+
+TWO_RANK_SCRIPT = """
+import json, sys, torch
+import movq.trainer as T
+from movq.config import TokenizerConfig, load_config
+cfg = load_config(TokenizerConfig, sys.argv[1])
+seen = []
+orig = T.train_batches
+def recording(*a, **kw):
+    for batch in orig(*a, **kw):
+        seen.extend(batch["key"])
+        yield batch
+T.train_batches = recording
+trainer = T.TokenizerTrainer(cfg)
+trainer.fit()
+flat = torch.cat([p.detach().flatten() for p in trainer.acc.unwrap_model(trainer.model).parameters()])
+rank = trainer.acc.process_index
+json.dump({"world": trainer.acc.num_processes, "keys": seen, "params": flat.tolist()[:2000],
+           "sum": float(flat.double().sum())}, open(sys.argv[2] + f"/rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(tmp_path, cache):
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=3, grad_accum=1, eval_every=3)
+    from movq.config import save_config
+
+    save_config(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "script.py").write_text(TWO_RANK_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["params"] == r1["params"] and r0["sum"] == r1["sum"]  # ranks stayed in sync
+    assert r0["keys"] and not set(r0["keys"]) & set(r1["keys"])  # and read different samples
