@@ -47,8 +47,8 @@ def test_loads_frozen(lpips):
 
 def test_distance_properties(lpips):
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
-    y = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    y = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
     d_same = lpips(x, x)
     assert d_same.shape == (2,) and torch.all(d_same == 0)
     d = lpips(x, y)
@@ -57,7 +57,7 @@ def test_distance_properties(lpips):
 
 
 def test_gradient_reaches_input(lpips):
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
     y = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
     lpips(x, y).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
