@@ -292,17 +292,19 @@ class TokenizerTrainer:
                     if self.step % t.save_every != 0 and self.step != t.max_steps:
                         self.save()
                     break
+            ckpts = self.checkpointer.list()
+            summary = {
+                "steps": self.step,
+                "seconds": time.time() - t_start,
+                "eval": last_eval,
+                "bad_steps": self.guard.total,
+                "data_skipped": self._skipped_all_ranks(),
+                "run_dir": str(self.run.root),
+                "checkpoint": str(ckpts[-1]) if ckpts else None,
+            }
         finally:
             stop.restore()
             if progress is not None:
                 progress.close()
-            acc.end_training()
-        return {
-            "steps": self.step,
-            "seconds": time.time() - t_start,
-            "eval": last_eval,
-            "bad_steps": self.guard.total,
-            "data_skipped": self._skipped_all_ranks(),
-            "run_dir": str(self.run.root),
-            "checkpoint": str(self.checkpointer.list()[-1]) if self.checkpointer.list() else None,
-        }
+            acc.end_training()  # closes trackers (and the process group)
+        return summary
