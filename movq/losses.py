@@ -47,7 +47,7 @@ class TokenizerLoss(nn.Module):
         if cfg.perceptual_weight > 0 and lpips is None:
             from movq.lpips import LPIPS
 
-            lpips = LPIPS.from_paths(cfg.lpips_vgg_path, cfg.lpips_lin_path)
+            lpips = LPIPS.from_pretrained(vgg_path=cfg.lpips_vgg_path, lin_path=cfg.lpips_lin_path)
         self.lpips = lpips if cfg.perceptual_weight > 0 else None
 
     def gan_active(self, step: int) -> bool:

@@ -67,3 +67,26 @@ def test_patch_discriminator_shapes(norm):
     assert d(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
     with pytest.raises(ValueError):
         PatchDiscriminator(DiscriminatorConfig(n_layers=0))
+
+
+def test_perceptual_term_loads_lpips_from_config_paths(tmp_path):
+    from test_lpips import _lin_state, _vgg_state
+
+    torch.save(_vgg_state(), tmp_path / "vgg16-397923af.pth")
+    torch.save(_lin_state(), tmp_path / "vgg.pth")
+    cfg = LossConfig(perceptual_weight=0.5, lpips_vgg_path=str(tmp_path / "vgg16-397923af.pth"),
+                     lpips_lin_path=str(tmp_path / "vgg.pth"), disc_start=100)
+    loss = TokenizerLoss(cfg)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x_rec = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    total, logs = loss.generator_loss(x, x_rec, torch.tensor(0.0), step=0)
+    assert logs["lpips"] > 0
+    torch.testing.assert_close(total, logs["l1"] + 0.5 * logs["lpips"])
+    total.backward()
+    assert x_rec.grad.abs().sum() > 0
+
+
+def test_missing_lpips_weights_fail_clearly(tmp_path):
+    cfg = LossConfig(perceptual_weight=1.0, lpips_vgg_path=str(tmp_path / "nope.pth"), lpips_lin_path=str(tmp_path / "vgg.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        TokenizerLoss(cfg)
