@@ -96,7 +96,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch, g = cfg.base_channels, cfg.norm_groups
-        norm = dict(norm=cfg.norm, num_groups=g, zq_channels=zq_channels)
+        norm = dict(norm=cfg.norm, num_groups=g, zq_channels=zq_channels, zq_conv=cfg.spatial_norm_conv)
         c = ch * cfg.channel_mult[-1]
         res = cfg.resolution // 2 ** (len(cfg.channel_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
@@ -122,7 +122,7 @@ class Decoder(nn.Module):
                 res *= 2
             up.insert(0, stage)
         self.up = nn.ModuleList(up)
-        self.norm_out = Norm(c, cfg.norm, g, zq_channels)
+        self.norm_out = Norm(c, cfg.norm, g, zq_channels, cfg.spatial_norm_conv)
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
@@ -159,6 +159,8 @@ class MoVQ(nn.Module):
         m, q = config.model, config.quantizer
         if len(m.channel_mult) < 1:
             raise ValueError("model.channel_mult needs at least one level")
+        if m.spatial_norm_conv and m.norm != "spatial":
+            raise ValueError("model.spatial_norm_conv needs model.norm='spatial'")
         zq_channels = q.channels * q.dim
         z_channels = m.z_channels or zq_channels
         self.downsample_factor = 2 ** (len(m.channel_mult) - 1)

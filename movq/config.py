@@ -43,6 +43,8 @@ class ModelConfig:
     z_channels: Optional[int] = None
     norm: Literal["spatial", "group"] = "spatial"  # spatial = MoVQ decoder, group = VQGAN baseline
     norm_groups: int = 32
+    # MoVQGAN's SpatialNorm(add_conv=True): a 3×3 conv on the upsampled zq before conv_y / conv_b.
+    spatial_norm_conv: bool = False
     # taming/MoVQGAN put an extra res block in each decoder level (num_res_blocks + 1)
     decoder_extra_block: bool = True
     # attention in the middle of encoder and decoder (taming: always on)
@@ -58,6 +60,9 @@ class QuantizerConfig:
     channels: int = 4  # C; the latent has channels * dim feature maps
     dim: int = 64  # d, the width of one code
     beta: float = 0.25  # weight of the commitment term ‖z − sg(e)‖² (not the codebook term)
+    # Which term β multiplies. "codebook" reproduces taming's / diffusers' legacy=True quantizer
+    # (loss = ‖z − sg(e)‖² + β‖sg(z) − e‖²), which their released VQGAN / MoVQ weights were trained with.
+    beta_on: Literal["commitment", "codebook"] = "commitment"
     cosine: bool = False  # l2-normalise codes and inputs (ViT-VQGAN style)
     ema: bool = False  # EMA codebook updates instead of the codebook loss
     ema_decay: float = 0.99

@@ -27,33 +27,44 @@ class SpatialNorm(nn.Module):
     Args:
         channels: channels of the normalized feature map ``f``.
         zq_channels: channels of the conditioning map ``zq`` (C·d for multichannel VQ).
+        zq_conv: MoVQGAN's ``add_conv``: a 3×3 conv ``conv_zq`` on the upsampled ``zq`` before
+            ``conv_y`` / ``conv_b`` (off in the paper and in Kandinsky's MoVQ).
     """
 
-    def __init__(self, channels: int, zq_channels: int, num_groups: int = 32, eps: float = 1e-6):
+    def __init__(
+        self, channels: int, zq_channels: int, num_groups: int = 32, eps: float = 1e-6, zq_conv: bool = False
+    ):
         super().__init__()
         self.norm = nn.GroupNorm(num_groups, channels, eps=eps, affine=True)
+        self.conv_zq = nn.Conv2d(zq_channels, zq_channels, kernel_size=3, padding=1) if zq_conv else None
         self.conv_y = nn.Conv2d(zq_channels, channels, kernel_size=1)
         self.conv_b = nn.Conv2d(zq_channels, channels, kernel_size=1)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         """f: [B, channels, H, W]; zq: [B, zq_channels, h, w] with h ≤ H → [B, channels, H, W]."""
         zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
+        if self.conv_zq is not None:
+            zq = self.conv_zq(zq)
         return self.norm(f) * self.conv_y(zq) + self.conv_b(zq)
 
 
 class Norm(nn.Module):
     """``GroupNorm`` or ``SpatialNorm`` behind one call signature ``norm(f, zq)``."""
 
-    def __init__(self, channels: int, norm: str, num_groups: int, zq_channels: Optional[int] = None):
+    def __init__(
+        self, channels: int, norm: str, num_groups: int, zq_channels: Optional[int] = None, zq_conv: bool = False
+    ):
         super().__init__()
         if channels % num_groups != 0:
             raise ValueError(f"{channels} channels cannot be split into {num_groups} norm groups")
+        if zq_conv and norm != "spatial":
+            raise ValueError("zq_conv (MoVQGAN's add_conv) needs norm='spatial'")
         if norm == "group":
             self.inner = nn.GroupNorm(num_groups, channels, eps=1e-6, affine=True)
         elif norm == "spatial":
             if not zq_channels:
                 raise ValueError("norm='spatial' needs zq_channels")
-            self.inner = SpatialNorm(channels, zq_channels, num_groups)
+            self.inner = SpatialNorm(channels, zq_channels, num_groups, zq_conv=zq_conv)
         else:
             raise ValueError(f"norm must be 'group' or 'spatial', got {norm!r}")
         self.spatial = norm == "spatial"
@@ -78,11 +89,12 @@ class ResnetBlock(nn.Module):
         num_groups: int = 32,
         zq_channels: Optional[int] = None,
         dropout: float = 0.0,
+        zq_conv: bool = False,
     ):
         super().__init__()
-        self.norm1 = Norm(in_channels, norm, num_groups, zq_channels)
+        self.norm1 = Norm(in_channels, norm, num_groups, zq_channels, zq_conv)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Norm(out_channels, norm, num_groups, zq_channels)
+        self.norm2 = Norm(out_channels, norm, num_groups, zq_channels, zq_conv)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (
@@ -99,10 +111,16 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all H·W positions with 1×1 q/k/v/out projections."""
 
     def __init__(
-        self, channels: int, *, norm: str = "group", num_groups: int = 32, zq_channels: Optional[int] = None
+        self,
+        channels: int,
+        *,
+        norm: str = "group",
+        num_groups: int = 32,
+        zq_channels: Optional[int] = None,
+        zq_conv: bool = False,
     ):
         super().__init__()
-        self.norm = Norm(channels, norm, num_groups, zq_channels)
+        self.norm = Norm(channels, norm, num_groups, zq_channels, zq_conv)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)

@@ -8,7 +8,8 @@ stateful: EMA codebook updates, dead-code restarts, k-means init and usage stati
 the ``Codebook`` / ``VectorQuantize`` split of lucidrains' vector-quantize-pytorch.
 
 Losses (van den Oord et al. 2017): codebook ``‖sg(z) − e‖²`` plus ``β · ‖z − sg(e)‖²`` commitment, β on
-the commitment term (taming's ``legacy=True`` puts it on the codebook term). With ``ema=True`` the
+the commitment term (taming's ``legacy=True`` puts it on the codebook term; ``beta_on="codebook"``
+reproduces that for converted checkpoints). With ``ema=True`` the
 codebook term is dropped and the codebook follows an exponential moving average of its assignments.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ class QuantizerOutput(NamedTuple):
 
     z_q: [B, C·d, h, w] quantized map (straight-through: gradients reach ``z`` unchanged).
     indices: int64 [B, C, h, w].
-    loss: codebook_loss + β · commitment_loss (fp32 scalar).
+    loss: codebook_loss + β · commitment_loss (fp32 scalar; β on the codebook term with beta_on="codebook").
     usage: fraction of codes chosen within the last ``usage_window`` training steps.
     perplexity: exp(entropy) of the code histogram of this batch (all ranks).
     """
@@ -81,6 +82,10 @@ class MultichannelQuantizer(nn.Module):
             raise ValueError("ema_decay and usage_decay must lie in (0, 1)")
         if cfg.usage_window < 1 or cfg.chunk_size < 1:
             raise ValueError("usage_window and chunk_size must be ≥ 1")
+        if cfg.beta_on not in ("commitment", "codebook"):
+            raise ValueError(f"beta_on must be 'commitment' or 'codebook', got {cfg.beta_on!r}")
+        if cfg.ema and cfg.beta_on == "codebook":
+            raise ValueError("beta_on='codebook' weights the codebook term, which an EMA codebook (ema=True) does not have")
         self.cfg = cfg
         K, d = cfg.codebook_size, cfg.dim
         # taming's init; EMA codebooks are not trained by gradients.
@@ -132,7 +137,10 @@ class MultichannelQuantizer(nn.Module):
             codebook_loss = res.codebook_loss.detach() * 0.0  # the codebook moves by EMA, not by this term
         else:
             codebook_loss = res.codebook_loss
-        loss = codebook_loss + cfg.beta * res.commitment_loss
+        if cfg.beta_on == "commitment":
+            loss = codebook_loss + cfg.beta * res.commitment_loss
+        else:  # taming's legacy placement (see QuantizerConfig.beta_on)
+            loss = cfg.beta * codebook_loss + res.commitment_loss
 
         counts = res.counts.float()
         if self.training:
