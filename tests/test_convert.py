@@ -276,8 +276,6 @@ def with_loss_keys(sd):
 # --------------------------------------------------------------------------------------
 # diffusers
 # --------------------------------------------------------------------------------------
-diffusers = pytest.importorskip("diffusers")
-
 DIFFUSERS_CASES = {
     "spatial_f4_attn": dict(
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
@@ -292,6 +290,7 @@ DIFFUSERS_CASES = {
 
 
 def make_vqmodel(case: str, seed: int = 0):
+    diffusers = pytest.importorskip("diffusers")  # a test-only extra: only these tests need it
     torch.manual_seed(seed)
     vq = diffusers.VQModel(in_channels=3, out_channels=3, num_vq_embeddings=64, norm_num_groups=32,
                            sample_size=32, **{"layers_per_block": 1, **DIFFUSERS_CASES[case]}).eval()
@@ -483,15 +482,18 @@ def test_truncated_files(tmp_path, capsys):
         assert f"cut_{name}" in err and "truncated or corrupt" in err
 
 
-def test_other_architectures(tmp_path, capsys, diffusers_folder):
+def test_diffusers_files_given_as_taming(tmp_path, capsys, diffusers_folder):
     _, folder = diffusers_folder
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert "--from diffusers" in run_cli_error(capsys, "--from", "taming", weights, tmp_path / "o")
+    assert "use --from diffusers" in run_cli_error(capsys, "--from", "taming", folder, tmp_path / "o")
+
+
+def test_other_architectures(tmp_path, capsys):
     taming = tmp_path / "taming.pt"
     torch.save(vqgan_state_dict(), taming)
     movqgan = tmp_path / "movqgan.pt"
     torch.save(vqgan_state_dict(movq=True, z_channels=4), movqgan)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    assert "--from diffusers" in run_cli_error(capsys, "--from", "taming", weights, tmp_path / "o")
-    assert "use --from diffusers" in run_cli_error(capsys, "--from", "taming", folder, tmp_path / "o")
     assert "--from taming" in run_cli_error(capsys, "--from", "movqgan", taming, tmp_path / "o")
     assert "--from movqgan" in run_cli_error(capsys, "--from", "taming", movqgan, tmp_path / "o")
     assert "no config.json" in run_cli_error(capsys, "--from", "diffusers", taming, tmp_path / "o")
