@@ -1,7 +1,7 @@
 """Triton import guard and autotune configs for kernels/vq.py.
 
 Config shapes follow the Triton matmul tutorial (03-matrix-multiplication): 64-256 row tiles,
-64-256 code tiles, 32-128 wide feature chunks, 4-8 warps, 3-4 pipeline stages; the autotuner drops
+64-256 code tiles, 16-128 wide feature chunks, 4-8 warps, 2-4 pipeline stages; the autotuner drops
 those that run out of shared memory. Under ``TRITON_INTERPRET=1`` a single small config keeps the
 interpreter fast and skips benchmarking.
 """
@@ -46,27 +46,45 @@ except ImportError:  # the torch reference still works where Triton is absent (m
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages). Tensor-core shapes (bf16/fp16, tf32) keep the
+# [BLOCK_N, BLOCK_K] fp32 accumulator plus the resident z tile within 255 registers: ptxas -v for sm_90 showed
+# no spills for these at d = 16, 64 and 256 (BLOCK_D = 128 spilled at d = 256, so 64 is the widest chunk there).
+# fp32 with exact ieee products runs on FMA units, where operands sit in registers: small tiles only.
+TENSOR_CORE_SHAPES = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+    (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 128, 8, 3),
+]
+FMA_SHAPES = [(64, 64, 16, 4, 2), (64, 64, 32, 4, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (32, 64, 16, 4, 2)]
+INTERPRETER_SHAPE = (32, 32, 16, 4, 1)  # BLOCK_D = 16 so d = 24 exercises the multi-chunk path in tests
+
+
+def _config(shape):
+    bn, bk, bd, nw, ns = shape
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
+
+
 def search_configs() -> list:
     """Configs for the search kernel: BLOCK_N rows x BLOCK_K codes, BLOCK_D features per tl.dot."""
     if INTERPRET or not HAS_TRITON:
-        # BLOCK_D = 16 so d = 24 exercises the multi-chunk path in tests
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
-    shapes = [  # BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages
-        (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 4), (128, 64, 128, 4, 3), (64, 128, 64, 4, 4),
-        (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
-        (256, 64, 128, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
-            for bn, bk, bd, nw, ns in shapes]
+        return [_config(INTERPRETER_SHAPE)]
+    return [_config(s) for s in TENSOR_CORE_SHAPES + FMA_SHAPES]
 
 
 def prune_search_configs(configs, named_args, **kwargs) -> list:
-    """Clamp BLOCK_D to the padded feature width (>= 16 for tl.dot) and drop the duplicates."""
+    """Keep the shapes meant for this math (tensor cores or FMA), clamp BLOCK_D to the padded feature
+    width (>= 16 for tl.dot) and drop the duplicates that clamping makes."""
+    if len(configs) == 1:
+        return configs
     d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
+    z = named_args.get("z_ptr")
+    fma = getattr(z, "dtype", None) is not None and str(z.dtype) == "torch.float32" and \
+        kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
+    wanted = set(FMA_SHAPES if fma else TENSOR_CORE_SHAPES)
     seen, out = set(), []
     for cfg in configs:
         kw = dict(cfg.kwargs)
+        if (kw["BLOCK_N"], kw["BLOCK_K"], kw["BLOCK_D"], cfg.num_warps, cfg.num_stages) not in wanted:
+            continue
         kw["BLOCK_D"] = min(kw["BLOCK_D"], d_pad)
         key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
         if key not in seen:

@@ -7,7 +7,7 @@ losses follow VQ-VAE (van den Oord et al., 2017). Kernel structure follows the T
 (03-matrix-multiplication, 06-fused-attention): a GEMM over codebook tiles with a running
 min/argmin per row, so the N x K distance matrix never exists in memory.
 
-File order: autotune configs -> ``@triton.jit`` kernels -> launchers -> torch ``*_ref`` -> public op.
+File order: autotune configs (kernels/_autotune.py) -> ``@triton.jit`` kernels -> launchers -> torch ``*_ref`` -> public op.
 
 Shapes (N = B*C*h*w vectors, row n <-> (b, c, y, x) in that order):
     z         [B, C*d, h, w]  fp32 / bf16 / fp16, any strides; channel c of a cell is z[b, c*d:(c+1)*d, y, x]
@@ -110,7 +110,7 @@ def _row_offsets(offs_n, C, H, W, D, s_b, s_c, s_y, s_x, CONTIG: tl.constexpr):
     n = offs_n.to(tl.int32)
     if CONTIG:
         hw = H * W
-        return (n // hw).to(tl.int64) * D * hw + (n % hw)
+        off = (n // hw).to(tl.int64) * D * hw + (n % hw)
     else:
         x = n % W
         t = n // W
@@ -118,7 +118,8 @@ def _row_offsets(offs_n, C, H, W, D, s_b, s_c, s_y, s_x, CONTIG: tl.constexpr):
         t = t // H
         c = t % C
         b = t // C
-        return b.to(tl.int64) * s_b + c.to(tl.int64) * D * s_c + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+        off = b.to(tl.int64) * s_b + c.to(tl.int64) * D * s_c + y.to(tl.int64) * s_y + x.to(tl.int64) * s_x
+    return off
 
 
 @triton.jit
@@ -140,9 +141,10 @@ def _cast_out(x, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
     if BF16_BITS:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return x.to(dtype)
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
@@ -182,9 +184,9 @@ def _vq_search_kernel(
 ):
     """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against codes of split s, streamed in BLOCK_K tiles.
 
-    argmin_k ||z - e_k||^2 = argmin_k (0.5*||e_k||^2 - z.e_k): one tl.dot per tile plus one FMA. The running
-    best is kept per (row, column) so the inner loop has no cross-thread reduction; strict '<' keeps the
-    earliest code per column and the final reduction the smallest index among equal minima (torch's argmin).
+    argmin_k ||z - e_k||^2 = argmin_k (0.5*||e_k||^2 - z.e_k): one tl.dot per tile plus one FMA, then a row
+    min/argmin of the tile (mostly in-thread in the MMA layout) folded into a running [BLOCK_N] best. Ties go
+    to the smallest code index, like torch.argmin: leftmost within a tile, strict '<' across tiles.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -199,8 +201,8 @@ def _vq_search_kernel(
     k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
     k_lo = pid_s * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
-    best_v = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
-    best_i = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_lo
+    best_v = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_i = tl.zeros([BLOCK_N], tl.int32) + k_lo  # k_lo, not 0: a NaN row still gets a code of this split
     offs_dd = tl.arange(0, BLOCK_D)
     if D_PAD <= BLOCK_D:  # the whole (padded) row fits one tile: load z once, keep it for every code tile
         zt = tl.load(z_ptr + zoff[:, None] + offs_dd[None, :].to(tl.int64) * s_zc,
@@ -233,21 +235,18 @@ def _vq_search_kernel(
             dist = hn[None, :] - acc * inv[:, None]
         else:
             dist = hn[None, :] - acc
-        upd = dist < best_v
-        best_v = tl.where(upd, dist, best_v)
-        best_i = tl.where(upd, offs_k[None, :], best_i)
+        tile_min, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        upd = tile_min < best_v
+        best_v = tl.where(upd, tile_min, best_v)
+        best_i = tl.where(upd, k0 + tile_arg, best_i)
 
-    row_min = tl.min(best_v, axis=1)
-    cand = tl.where(best_v == row_min[:, None], best_i, 2147483647)
-    row_arg = tl.min(cand, axis=1)
-    row_arg = tl.where(row_arg == 2147483647, k_lo, row_arg)  # NaN rows: any valid code
     if FUSED:
         qoff = _row_offsets(offs_n, C, H, W, D, s_qb, s_qc, s_qy, s_qx, Q_CONTIG)
-        _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, row_arg,
+        _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, best_i,
                      inv, D, s_zc, s_qc, BLOCK_N, BLOCK_D, BF16_BITS)
     else:
-        tl.store(pval_ptr + pid_s * N + offs_n, row_min, mask=mask_n)
-        tl.store(pidx_ptr + pid_s * N + offs_n, row_arg, mask=mask_n)
+        tl.store(pval_ptr + pid_s * N + offs_n, best_v, mask=mask_n)
+        tl.store(pidx_ptr + pid_s * N + offs_n, best_i, mask=mask_n)
 
 
 @triton.jit
