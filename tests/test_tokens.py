@@ -1,0 +1,221 @@
+"""Token shards: tokenize a tiny dataset with a tiny random tokenizer and read it back; resumable
+reruns; the builtin pseudo-labels; deterministic, disjoint per-rank batches; clear errors."""
+import importlib.util
+import io
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from movq.autoencoder import MoVQ
+from movq.config import TokenizerConfig, load_config
+from movq.data import BUILTIN_TRAIN_PHOTOS
+from movq.tokens import (
+    TokenDataError,
+    TokenDataset,
+    load_image,
+    read_token_manifest,
+    read_token_shard,
+    resolve_tokenizer,
+    write_token_shard,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("tokenize_dataset", ROOT / "tools" / "tokenize_dataset.py")
+tokenize_dataset = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tokenize_dataset)
+
+
+def tiny_tokenizer(path: Path, resolution: int = 16) -> Path:
+    """A random MoVQ: 16² images → 2 channels on an 8×8 grid, K = 16."""
+    cfg = load_config(TokenizerConfig, {
+        "model": {"resolution": resolution, "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attn_resolutions": [], "mid_attention": False, "norm_groups": 4},
+        "quantizer": {"codebook_size": 16, "channels": 2, "dim": 4},
+    })
+    torch.manual_seed(0)
+    MoVQ(cfg).save_pretrained(path)
+    return path
+
+
+def run_tool(*args) -> int:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return tokenize_dataset.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "ema")
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """Two classes of 3 images each (sizes differ, one grey), plus one corrupt file."""
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(["cat", "dog"]):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(3):
+            a = rng.integers(0, 256, (20 + 4 * i, 24, 3), dtype=np.uint8)
+            img = Image.fromarray(a).convert("L") if i == 1 else Image.fromarray(a)
+            img.save(tmp_path / "img" / cls / f"{i}.v1.png")
+    (tmp_path / "img" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return tmp_path / "img"
+
+
+def test_tokenize_folder_round_trip(tmp_path, tok, folder):
+    out = tmp_path / "tokens"
+    assert run_tool("--tokenizer", tok, folder, out, "--batch-size", "4", "--shard-size", "4") == 0
+    m = read_token_manifest(out)
+    assert (m["channels"], m["height"], m["width"], m["codebook_size"]) == (2, 8, 8, 16)
+    assert m["classes"] == ["cat", "dog"] and m["count"] == 6 and m["skipped"] == {"corrupt": 1}
+    assert m["tokenizer"] == str(tok.resolve()) and m["image_size"] == 16
+    assert [s["name"] for s in m["shards"]] == ["tokens-000000.tar", "tokens-000001.tar"]
+
+    model = MoVQ.from_pretrained(tok).eval()
+    keys, tokens, labels = [], [], []
+    for s in m["shards"]:
+        k, t, lab = read_token_shard(out / s["name"], (2, 8, 8), 16, s["sha256"])
+        keys += k
+        tokens.append(t)
+        labels.append(lab)
+    tokens, labels = np.concatenate(tokens), np.concatenate(labels)
+    assert tokens.dtype == np.uint16 and keys[0] == "cat/0_v1"  # '.' in a file name is made safe
+    for key, t, lab in zip(keys, tokens, labels):
+        cls, name = key.split("/")
+        assert lab == ["cat", "dog"].index(cls)
+        arr, _ = load_image((folder / cls / f"{name.replace('_', '.')}.png").read_bytes(), 16)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            assert np.array_equal(model.encode(x).indices[0].numpy(), t)
+
+    ds = TokenDataset(out)
+    assert ds.tokens.shape == (6, 2, 8, 8) and ds.tokens.dtype == torch.int64 and sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_settings(tmp_path, tok, folder, capsys):
+    out = tmp_path / "tokens"
+    assert run_tool("--tokenizer", tok.parent, folder, out, "--shard-size", "2") == 0  # the run folder's ema/
+    manifest = (out / "manifest.json").read_text()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    first = (out / "tokens-000001.tar").read_bytes()
+    (out / "tokens-000001.tar").unlink()  # as if the run died while writing it
+    (out / "manifest.json").unlink()
+    with pytest.raises(TokenDataError, match="incomplete"):
+        TokenDataset(out)
+    assert run_tool("--tokenizer", tok, folder, out, "--shard-size", "2") == 0
+    assert (out / "manifest.json").read_text() == manifest
+    assert (out / "tokens-000001.tar").read_bytes() == first  # same bytes when redone
+    for p in out.glob("*.tar"):
+        if p.name != "tokens-000001.tar":
+            assert p.stat().st_mtime_ns == stamps[p.name]  # the others were not rewritten
+    capsys.readouterr()
+    assert run_tool("--tokenizer", tok, folder, out, "--shard-size", "3") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "shard_size" in err
+
+
+def test_builtin_pseudo_labels(tmp_path, tok):
+    out = tmp_path / "tokens"
+    assert run_tool("--tokenizer", tok, "builtin", out, "--builtin-size", "12", "--cache-dir", tmp_path / "cache") == 0
+    m = read_token_manifest(out)
+    assert m["classes"] == list(BUILTIN_TRAIN_PHOTOS) and m["count"] == 12 and m["source"] == "builtin"
+    ds = TokenDataset(out)
+    assert ((ds.labels >= 0) & (ds.labels < len(BUILTIN_TRAIN_PHOTOS))).all()
+    assert run_tool("--tokenizer", tok, "builtin", tmp_path / "u", "--builtin-size", "12",
+                    "--cache-dir", tmp_path / "cache", "--no-labels") == 0
+    assert read_token_manifest(tmp_path / "u")["classes"] == []
+    assert (TokenDataset(tmp_path / "u").labels == -1).all()
+
+
+def _synthetic(out: Path, n_shards: int = 3, per: int = 5, shape=(2, 4, 4), k: int = 16) -> np.ndarray:
+    """Token shards + manifest written directly; every sample unique (its index in token 0)."""
+    from movq.tokens import finish_shard, prepare_output, write_token_manifest
+
+    rng = np.random.default_rng(0)
+    prepare_output(out, {"channels": shape[0], "height": shape[1], "width": shape[2], "codebook_size": k,
+                         "classes": ["a", "b", "c"]})
+    all_tokens = []
+    for j in range(n_shards):
+        samples = []
+        for i in range(per):
+            t = rng.integers(0, k, shape).astype(np.uint16)
+            t.flat[0], t.flat[1] = (j * per + i) % k, (j * per + i) // k
+            samples.append((f"{j}_{i}", t, (j * per + i) % 3))
+            all_tokens.append(t)
+        finish_shard(out, j, samples, {}, {})
+    write_token_manifest(out, n_shards)
+    return np.stack(all_tokens)
+
+
+def _ids(tokens: torch.Tensor) -> list[int]:
+    return (tokens[:, 0, 0, 0] + 16 * tokens[:, 0, 0, 1]).tolist()
+
+
+def test_batches_resume_and_rank_split(tmp_path):
+    _synthetic(tmp_path / "t")
+    ds = TokenDataset(tmp_path / "t")
+    full = list(itertools.islice(ds.batches(4, seed=1), 10))  # 40 draws: crosses epochs of 15
+    later = list(itertools.islice(ds.batches(4, seed=1, start_step=6), 4))
+    for a, b in zip(full[6:], later):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["label"], b["label"])
+    first_epoch = [i for b in full for i in _ids(b["tokens"])][:15]
+    assert sorted(first_epoch) == list(range(15))  # each sample once per epoch
+    assert _ids(full[0]["tokens"]) != _ids(list(itertools.islice(ds.batches(4, seed=2), 1))[0]["tokens"])
+
+    for world in (2, 4):  # shards split by rank (3 shards ≥ 2 ranks), or samples (3 < 4)
+        parts = [set(_ids(TokenDataset(tmp_path / "t", rank=r, world_size=world).tokens)) for r in range(world)]
+        assert sum(map(len, parts)) == 15 and set().union(*parts) == set(range(15))
+    tiny = list(itertools.islice(TokenDataset(tmp_path / "t", rank=0, world_size=4).batches(8), 2))
+    assert tiny[0]["tokens"].shape == (8, 2, 4, 4)  # a rank with fewer samples than a batch still works
+
+
+def test_bad_token_data_fails_clearly(tmp_path):
+    with pytest.raises(TokenDataError, match="manifest.json not found"):
+        TokenDataset(tmp_path)
+    _synthetic(tmp_path / "t")
+    shard = tmp_path / "t" / "tokens-000001.tar"
+    with pytest.raises(TokenDataError, match=r"tokens are uint16 \(2, 4, 4\), expected uint16 \(4, 4, 4\)"):
+        read_token_shard(shard, (4, 4, 4), 16)
+    with pytest.raises(TokenDataError, match="outside the codebook"):
+        read_token_shard(shard, (2, 4, 4), 2)
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TokenDataError, match="tokens-000001.tar does not match the sha256"):
+        TokenDataset(tmp_path / "t")
+    bad = tmp_path / "bad.tar"
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 4, 4), np.float32))
+    write_token_shard(bad, [("k", np.zeros((2, 4, 4), np.uint16), 0)])
+    import tarfile
+
+    with tarfile.open(bad, "a") as tar:
+        info = tarfile.TarInfo("x.tokens.npy")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    with pytest.raises(TokenDataError, match=r"bad.tar:x: tokens are float32"):
+        read_token_shard(bad, (2, 4, 4), 16)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({"format": "movq-shards/1"}))
+    with pytest.raises(TokenDataError, match="expected movq-tokens/1"):
+        read_token_manifest(tmp_path / "m")
+
+
+def test_tool_errors(tmp_path, tok, folder, capsys):
+    assert run_tool("--tokenizer", tmp_path / "nope", folder, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "does not exist" in err
+    assert run_tool("--tokenizer", tok, tmp_path / "empty", tmp_path / "o") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "w").mkdir()
+    assert run_tool("--tokenizer", tmp_path / "w", folder, tmp_path / "o") == 2
+    assert "not a tokenizer checkpoint" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+        resolve_tokenizer(tmp_path / "run")
