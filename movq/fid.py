@@ -1,0 +1,657 @@
+"""Fréchet Inception Distance: statistics, the distance, image sources, and a tracker for training.
+
+FID (Heusel et al. 2017) is ``|mu_a - mu_b|² + Tr(S_a + S_b - 2 (S_a S_b)^½)`` over the 2048-d
+Inception pool features of two image sets (:mod:`movq.inception`). The statistics are float64;
+features are accumulated as sums (count, Σf, Σffᵀ), so ranks of a distributed run combine with one
+all-reduce and every image is counted exactly once. The distance is computed by torchmetrics'
+``FrechetInceptionDistance`` (eigenvalues of S_a S_b) or, independently, with scipy's ``sqrtm``
+as pytorch-fid does; the tests hold them to each other.
+
+Sources (:func:`open_source`): an image folder (recursive), webdataset shards (local ``.tar``
+paths, brace or glob patterns; one ``jpg/jpeg/png/webp`` member per sample), an ``.npz`` of uint8
+NHWC images under ``arr_0`` (as sampling scripts write), or an ``.npz`` of statistics ``mu`` /
+``sigma``. Non-RGB images are converted and counted; unreadable ones are skipped and counted;
+sizes may differ (Inception resizes each image to 299²). A problem with the source itself is a
+:class:`FIDError` with a one-line message.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from movq.inception import FIDInceptionV3, InceptionWeightsError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+BACKENDS = ("torchmetrics", "scipy")
+
+
+class FIDError(ValueError):
+    """A source, statistics file or setting that FID cannot use; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FIDStats:
+    """Mean [D] and covariance [D, D] of features, float64. ``num_images`` 0 means unknown."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int = 0
+
+    @classmethod
+    def from_arrays(cls, mu, sigma, num_images: int = 0, name: str = "statistics") -> "FIDStats":
+        mu, sigma = np.asarray(mu), np.asarray(sigma)
+        if mu.ndim != 1:
+            raise FIDError(f"{name}: 'mu' has shape {mu.shape}, expected a vector [D]")
+        d = mu.shape[0]
+        if sigma.shape != (d, d):
+            raise FIDError(f"{name}: 'sigma' has shape {sigma.shape}, expected ({d}, {d}) to match 'mu'")
+        if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+            raise FIDError(f"{name}: 'mu'/'sigma' have dtypes {mu.dtype}/{sigma.dtype}, expected floats")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise FIDError(f"{name}: 'mu' or 'sigma' contains NaN or inf")
+        return cls(mu.astype(np.float64), sigma.astype(np.float64), int(num_images))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "FIDStats":
+        """Read an ``.npz`` with ``mu`` and ``sigma`` (and optionally ``num_images``)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                keys = set(f.files)
+                if not {"mu", "sigma"} <= keys:
+                    raise FIDError(f"{path}: keys {sorted(keys)}; FID statistics need 'mu' and 'sigma'")
+                n = int(f["num_images"]) if "num_images" in keys else 0
+                return cls.from_arrays(f["mu"], f["sigma"], n, name=str(path))
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            if isinstance(e, FIDError):
+                raise
+            raise FIDError(f"{path}: not a readable .npz of statistics ({e})") from None
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write ``mu``, ``sigma``, ``num_images`` atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+class FeatureAccumulator:
+    """Running sums of features — count, Σf [D], Σffᵀ [D, D] — in float64, summable over ranks."""
+
+    def __init__(self, dim: int = 2048, device: Union[str, torch.device] = "cpu"):
+        self.dim = dim
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features: Tensor) -> None:
+        """features: [B, D]."""
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features must be [B, {self.dim}], got {tuple(features.shape)}")
+        f = features.to(device=self.total.device, dtype=torch.float64)
+        self.count += f.shape[0]
+        self.total += f.sum(dim=0)
+        self.outer += f.T @ f
+
+    def merge(self, other: "FeatureAccumulator") -> "FeatureAccumulator":
+        """Add another accumulator's sums (e.g. one computed elsewhere) into this one."""
+        if other.dim != self.dim:
+            raise ValueError(f"feature sizes differ: {self.dim} vs {other.dim}")
+        for mine, theirs in ((self.count, other.count), (self.total, other.total), (self.outer, other.outer)):
+            mine += theirs.to(mine.device)
+        return self
+
+    def all_reduce_(self) -> "FeatureAccumulator":
+        """Sum over the ranks of the initialized process group (no-op without one)."""
+        if _world() > 1:
+            import torch.distributed as dist
+
+            for t in (self.count, self.total, self.outer):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return self
+
+    def stats(self, name: str = "features") -> FIDStats:
+        n = int(self.count)
+        if n < 2:
+            raise FIDError(f"{name}: {n} image(s); FID needs at least 2")
+        mu = self.total / n
+        # Unbiased covariance from raw moments; float64 keeps the cancellation harmless.
+        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return FIDStats(mu.cpu().numpy(), sigma.cpu().numpy(), n)
+
+
+# --------------------------------------------------------------------------------------
+# The distance
+# --------------------------------------------------------------------------------------
+def _check_pair(a: FIDStats, b: FIDStats) -> None:
+    if a.mu.shape != b.mu.shape:
+        raise FIDError(f"statistics have different feature sizes: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+
+
+def frechet_distance_scipy(a: FIDStats, b: FIDStats, eps: float = 1e-6) -> float:
+    """FID with scipy's matrix square root of S_a S_b (the pytorch-fid formulation)."""
+    from scipy import linalg
+
+    _check_pair(a, b)
+    diff = a.mu - b.mu
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if not np.isfinite(covmean).all():
+        # A singular product (fewer images than dimensions) can defeat the Schur method;
+        # a tiny ridge on both covariances makes it well posed.
+        logger.warning("FID: sqrtm of a singular product; adding %g to the covariance diagonals", eps)
+        ridge = np.eye(a.sigma.shape[0]) * eps
+        covmean = linalg.sqrtm((a.sigma + ridge) @ (b.sigma + ridge))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3:
+            raise FIDError(f"FID: matrix square root has a large imaginary part ({imag:.3g}); statistics are invalid")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+class _Precomputed(nn.Module):
+    """The 'feature extractor' handed to torchmetrics: features are already computed."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def frechet_distance_torchmetrics(a: FIDStats, b: FIDStats) -> float:
+    """FID by torchmetrics' ``FrechetInceptionDistance`` from (mu, sigma).
+
+    The metric keeps its data as sums (count, Σf, Σffᵀ); statistics files only carry mu and
+    sigma, so the sums are rebuilt for a count of 2, which reproduces mu and sigma exactly and
+    keeps rounding smallest (fewer images means less cancellation in Σffᵀ - n·mu·muᵀ).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    _check_pair(a, b)
+    d = a.mu.shape[0]
+    # The statistics are already global; a metric syncing on compute would sum every rank's copy.
+    metric = FrechetInceptionDistance(feature=_Precomputed(d), reset_real_features=False, sync_on_compute=False)
+    metric.update(torch.zeros(0, d, dtype=torch.float64), real=True)  # records the output dtype
+    n = 2
+    for prefix, s in (("real", a), ("fake", b)):
+        mu, sigma = torch.from_numpy(s.mu), torch.from_numpy(s.sigma)
+        states = {
+            "features_sum": n * mu,
+            "features_cov_sum": (n - 1) * sigma + n * torch.outer(mu, mu),
+            "features_num_samples": torch.tensor(n),
+        }
+        for key, value in states.items():
+            name = f"{prefix}_{key}"
+            if not hasattr(metric, name):
+                raise FIDError(f"this torchmetrics version has no state {name!r}; use backend='scipy'")
+            setattr(metric, name, value.to(getattr(metric, name).dtype))
+    return float(metric.compute())
+
+
+def frechet_distance(a: FIDStats, b: FIDStats, backend: str = "torchmetrics") -> float:
+    """FID between two sets of statistics; backend "torchmetrics" or "scipy"."""
+    if backend == "torchmetrics":
+        return frechet_distance_torchmetrics(a, b)
+    if backend == "scipy":
+        return frechet_distance_scipy(a, b)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Image sources
+# --------------------------------------------------------------------------------------
+@dataclass
+class SourceReport:
+    """What a source yielded: images used, skipped (unreadable), converted (by mode), sizes."""
+
+    source: str
+    kind: str
+    images: int = 0
+    skipped: int = 0
+    converted: Counter = field(default_factory=Counter)
+    sizes: Counter = field(default_factory=Counter)
+
+    def merge(self, other: "SourceReport") -> None:
+        self.images += other.images
+        self.skipped += other.skipped
+        self.converted.update(other.converted)
+        self.sizes.update(other.sizes)
+
+    def as_dict(self, max_sizes: int = 20) -> dict:
+        sizes = dict(self.sizes.most_common(max_sizes))
+        if len(self.sizes) > max_sizes:  # e.g. ImageNet: thousands of sizes, keep the JSON readable
+            sizes["other"] = sum(self.sizes.values()) - sum(sizes.values())
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "images": self.images,
+            "skipped": self.skipped,
+            "converted": dict(self.converted),
+            "sizes": sizes,
+        }
+
+
+def pil_to_rgb(img: Image.Image, report: Optional[SourceReport] = None) -> np.ndarray:
+    """PIL image of any mode -> uint8 [H, W, 3]; a conversion is counted under its source mode."""
+    mode = img.mode
+    if mode != "RGB":
+        if report is not None:
+            report.converted[mode] += 1
+        if mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits, not a clip at 255
+            gray = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        img = img.convert("RGB")  # alpha is dropped, palettes and L/CMYK mapped, as PIL does
+    return np.asarray(img, dtype=np.uint8)
+
+
+def array_to_rgb(arr: np.ndarray, report: Optional[SourceReport] = None) -> np.ndarray:
+    """uint8 [H, W], [H, W, 1|3|4] -> [H, W, 3] (gray repeated, alpha dropped; counted)."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    c = arr.shape[2]
+    if c == 3:
+        return arr
+    if report is not None:
+        report.converted[{1: "L", 4: "RGBA"}[c]] += 1
+    return np.repeat(arr, 3, axis=2) if c == 1 else arr[:, :, :3]
+
+
+class ImageSource:
+    """Images of a folder, webdataset shards or an ``.npz`` (``arr_0``); see :func:`open_source`.
+
+    ``iterate(rank, world)`` yields uint8 [H, W, 3] arrays for the global positions ``i`` with
+    ``i % world == rank`` (and ``i < max_images``), so ranks see disjoint slices; others are
+    skipped without decoding. Positions count entries (files, npz rows, image members), so an
+    unreadable entry within the first ``max_images`` is skipped, not replaced.
+    """
+
+    def __init__(self, spec: str, kind: str, paths: list[Path], total: Optional[int] = None):
+        if kind not in ("folder", "shards", "npz"):
+            raise ValueError(f"kind must be 'folder', 'shards' or 'npz', got {kind!r}")
+        self.spec, self.kind, self.paths, self.total = spec, kind, paths, total
+
+    def new_report(self) -> SourceReport:
+        return SourceReport(self.spec, self.kind)
+
+    def iterate(
+        self, report: SourceReport, rank: int = 0, world: int = 1, max_images: Optional[int] = None
+    ) -> Iterator[np.ndarray]:
+        limit = max_images if max_images is not None else float("inf")
+        if self.kind == "folder":
+            yield from self._folder(report, rank, world, limit)
+        elif self.kind == "npz":
+            yield from self._npz(report, rank, world, limit)
+        else:
+            yield from self._shards(report, rank, world, limit)
+
+    def _folder(self, report, rank, world, limit):
+        for i in range(rank, min(len(self.paths), limit), world):
+            path = self.paths[i]
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    yield pil_to_rgb(img, report)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                report.skipped += 1
+                logger.warning("FID: skipped unreadable image %s (%s)", path, e)
+
+    def _npz(self, report, rank, world, limit):
+        path = self.paths[0]
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            shape, dtype = _npy_header(f, path)
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            n = min(shape[0], limit)
+            chunk = max(1, (64 << 20) // max(row, 1))  # read ~64 MB at a time
+            for start in range(0, n, chunk):
+                k = min(chunk, n - start)
+                block = np.frombuffer(f.read(k * row), dtype=dtype)
+                if block.size * dtype.itemsize != k * row:
+                    raise FIDError(f"{path}: arr_0 is truncated at image {start} of {shape[0]}")
+                block = block.reshape(k, *shape[1:])
+                for j in range(k):
+                    if (start + j) % world == rank:
+                        yield array_to_rgb(block[j], report)
+
+    def _shards(self, report, rank, world, limit):
+        # With at least one shard per rank (and no cap to count against), ranks split whole
+        # shards and each byte is read once; otherwise every rank walks every shard and decodes
+        # its own positions.
+        by_shard = len(self.paths) >= world and limit == float("inf")
+        shards = self.paths[rank::world] if by_shard else self.paths
+        if by_shard:
+            rank, world = 0, 1
+        i = 0
+        for shard in shards:
+            seen: set[str] = set()
+            try:
+                with tarfile.open(shard, mode="r|*") as tar:
+                    for member in tar:
+                        if i >= limit:
+                            return
+                        base = member.name.rsplit("/", 1)[-1]
+                        key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
+                        ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
+                        if not member.isfile() or ext not in SHARD_IMAGE_EXTS or key in seen:
+                            continue
+                        seen.add(key)  # one image per webdataset sample
+                        mine = i % world == rank
+                        i += 1
+                        if not mine:
+                            continue
+                        try:
+                            with Image.open(tar.extractfile(member)) as img:
+                                img.load()
+                                yield pil_to_rgb(img, report)
+                        except (OSError, ValueError, Image.DecompressionBombError) as e:
+                            report.skipped += 1
+                            logger.warning("FID: skipped unreadable %s in %s (%s)", member.name, shard, e)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                report.skipped += 1
+                logger.warning("FID: shard %s is truncated or corrupt after %d images (%s); rest skipped", shard, i, e)
+
+
+def _npy_header(f, path) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise FIDError(f"{path}: arr_0 uses .npy format {version}, expected 1.0 or 2.0")
+    if dtype != np.uint8:
+        raise FIDError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images [N, H, W, 3] in 0..255")
+    if fortran or not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3, 4))):
+        raise FIDError(f"{path}: arr_0 has shape {shape}, expected uint8 NHWC images [N, H, W, 3] (C-ordered)")
+    return shape, dtype
+
+
+def _expand_shards(spec: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for part in braceexpand(spec):
+        out.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    return out
+
+
+def open_source(spec: Union[str, Path]) -> Union[ImageSource, FIDStats]:
+    """Interpret a command-line source; raises FIDError when it cannot be used."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
+        raise FIDError(f"{spec}: only local files are read (no network at run time)")
+    if path.is_dir():
+        files = sorted(
+            Path(root) / name
+            for root, _, names in os.walk(path, followlinks=True)
+            for name in names
+            if name.lower().endswith(IMAGE_EXTS)
+        )
+        if not files:
+            raise FIDError(
+                f"{spec}: no images ({'/'.join(IMAGE_EXTS)}) found in this folder or below; "
+                "for webdataset shards pass the .tar paths or a pattern like dir/shard-{000000..000009}.tar"
+            )
+        return ImageSource(spec, "folder", files, total=len(files))
+    if spec.endswith(".npz"):
+        if not path.is_file():
+            raise FIDError(f"{spec}: no such file")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = {n[:-4] if n.endswith(".npy") else n for n in zf.namelist()}
+                shape = None
+                if "arr_0" in names and not {"mu", "sigma"} & names:
+                    with zf.open("arr_0.npy") as f:
+                        shape, _ = _npy_header(f, spec)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            if isinstance(e, FIDError):
+                raise
+            raise FIDError(f"{spec}: not a readable .npz ({e})") from None
+        if {"mu", "sigma"} & names:
+            return FIDStats.load(path)  # says which of the two is missing, if one is
+        if shape is None:
+            raise FIDError(
+                f"{spec}: keys {sorted(names)}; expected 'arr_0' (uint8 NHWC images) or 'mu' and 'sigma' (statistics)"
+            )
+        if shape[0] == 0:
+            raise FIDError(f"{spec}: arr_0 holds no images")
+        return ImageSource(spec, "npz", [path], total=shape[0])
+    shards = _expand_shards(spec)
+    if any(s.endswith((".tar", ".tar.gz", ".tgz")) for s in shards):
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing or not shards:
+            raise FIDError(f"{spec}: shard {missing[0] if missing else spec} not found ({len(missing)} missing)")
+        return ImageSource(spec, "shards", [Path(s) for s in shards])
+    if not path.exists():
+        raise FIDError(f"{spec}: no such file or folder")
+    raise FIDError(f"{spec}: not an image folder, webdataset .tar shard(s), or .npz")
+
+
+# --------------------------------------------------------------------------------------
+# Images -> statistics
+# --------------------------------------------------------------------------------------
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def compute_source_stats(
+    source: ImageSource,
+    extractor: FIDInceptionV3,
+    *,
+    batch_size: int = 50,
+    max_images: Optional[int] = None,
+    progress: bool = False,
+) -> tuple[FIDStats, SourceReport]:
+    """Inception statistics of a source, over all ranks when a process group is initialized.
+
+    Images of different sizes share a batch: the extractor resizes each one to 299² on its own.
+    Returns stats and the report summed over ranks.
+    """
+    rank, world = _rank(), _world()
+    report = source.new_report()
+    acc = FeatureAccumulator(extractor.num_features, device=_device_of(extractor))
+    pending: list[np.ndarray] = []
+
+    def flush():
+        if len({img.shape for img in pending}) == 1:
+            batch = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2)  # [B, 3, H, W]
+        else:
+            batch = [torch.from_numpy(img).permute(2, 0, 1) for img in pending]  # B x [3, H_i, W_i]
+        acc.update(extractor(batch))
+        pending.clear()
+
+    total = source.total if max_images is None or source.total is None else min(source.total, max_images)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        share = None if total is None else -(-total // world)
+        bar = tqdm(total=share, desc=f"FID {source.spec}", unit="img", dynamic_ncols=True)
+    for img in source.iterate(report, rank, world, max_images):
+        report.images += 1
+        report.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+        pending.append(np.require(img, requirements=["C", "W"]))  # torch wants writable, contiguous
+        if len(pending) == batch_size:
+            flush()
+        if bar is not None:
+            bar.update(1)
+    if pending:
+        flush()
+    if bar is not None:
+        bar.close()
+    acc.all_reduce_()
+    report = gather_report(report)
+    if len(report.sizes) > 1:
+        common = ", ".join(f"{k}: {v}" for k, v in report.sizes.most_common(3))
+        logger.warning("FID: %s has %d image sizes (%s, ...); each is resized to 299x299", source.spec,
+                       len(report.sizes), common)
+    if int(acc.count) < 2:
+        raise FIDError(
+            f"{source.spec}: {int(acc.count)} readable image(s) ({report.skipped} skipped); FID needs at least 2"
+        )
+    return acc.stats(source.spec), report
+
+
+def gather_report(report: SourceReport) -> SourceReport:
+    if _world() == 1:
+        return report
+    import torch.distributed as dist
+
+    parts: list = [None] * _world()
+    dist.all_gather_object(parts, report.as_dict(max_sizes=1 << 30))
+    merged = SourceReport(report.source, report.kind)
+    for p in parts:
+        merged.merge(SourceReport(p["source"], p["kind"], p["images"], p["skipped"],
+                                  Counter(p["converted"]), Counter(p["sizes"])))
+    return merged
+
+
+# --------------------------------------------------------------------------------------
+# In training
+# --------------------------------------------------------------------------------------
+def to_uint8(x: Tensor) -> Tensor:
+    """float images [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] (rounded, clamped)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _as_nchw_uint8(batch) -> Tensor:
+    """uint8 NHWC (numpy or torch) or float NCHW in [-1, 1] (torch) -> uint8 [B, 3, H, W]."""
+    t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        raise FIDError(f"FID images must be 4-D batches, got {type(batch).__name__} {getattr(batch, 'shape', '')}")
+    if t.dtype == torch.uint8:
+        if t.shape[3] not in (1, 3, 4):
+            raise FIDError(f"uint8 FID images must be NHWC [B, H, W, 3], got {tuple(t.shape)}")
+        t = t[..., :3] if t.shape[3] == 4 else t.expand(-1, -1, -1, 3)
+        return t.permute(0, 3, 1, 2)
+    if t.is_floating_point() and t.shape[1] == 3:
+        return to_uint8(t)
+    raise FIDError(
+        f"FID images must be uint8 NHWC or float NCHW [B, 3, H, W] in [-1, 1], got {t.dtype} {tuple(t.shape)}"
+    )
+
+
+class FIDTracker:
+    """FID of generated or reconstructed images against cached reference statistics.
+
+    ``compute(images)`` takes a batch or an iterable of batches — uint8 NHWC arrays/tensors, or
+    float NCHW tensors in [-1, 1] — and, under a process group, each rank passes its own share.
+    When the Inception weights or the reference statistics are missing it logs once and returns
+    None, so a training run goes on without FID.
+    """
+
+    def __init__(
+        self,
+        inception_weights: Union[str, Path, None] = None,
+        reference_stats: Union[str, Path, FIDStats, None] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        batch_size: int = 50,
+        verify: bool = True,
+        backend: str = "torchmetrics",
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.inception_weights, self.reference_stats = inception_weights, reference_stats
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size, self.verify, self.backend = batch_size, verify, backend
+        self._extractor: Optional[FIDInceptionV3] = None
+        self._reference: Optional[FIDStats] = reference_stats if isinstance(reference_stats, FIDStats) else None
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("FID disabled: %s", message)
+
+    def extractor(self) -> Optional[FIDInceptionV3]:
+        if self._extractor is None and "weights" not in self._warned:
+            try:
+                self._extractor = FIDInceptionV3.from_pretrained(
+                    self.inception_weights, verify=self.verify, device=self.device
+                )
+            except InceptionWeightsError as e:
+                self._warn_once("weights", str(e))
+        return self._extractor
+
+    def reference(self) -> Optional[FIDStats]:
+        if self._reference is None and "reference" not in self._warned:
+            if self.reference_stats is None:
+                self._warn_once("reference", "no reference statistics given")
+            elif not Path(self.reference_stats).is_file():
+                self._warn_once("reference", f"reference statistics {self.reference_stats} not found")
+            else:
+                self._reference = FIDStats.load(self.reference_stats)
+        return self._reference
+
+    def compute_stats(self, images) -> Optional[FIDStats]:
+        """Statistics of ``images`` over all ranks; None without Inception weights."""
+        model = self.extractor()
+        if model is None:
+            return None
+        acc = FeatureAccumulator(model.num_features, device=self.device)
+        batches = [images] if isinstance(images, (np.ndarray, Tensor)) else images
+        for batch in batches:
+            x = _as_nchw_uint8(batch)
+            for chunk in x.split(self.batch_size):
+                acc.update(model(chunk))
+        return acc.all_reduce_().stats("FID images")
+
+    def ensure_reference(self, images) -> Optional[FIDStats]:
+        """Compute and cache the reference statistics from ``images`` if the file is missing."""
+        if self._reference is None and self.reference_stats is not None and Path(self.reference_stats).is_file():
+            self._reference = FIDStats.load(self.reference_stats)
+        if self._reference is None:
+            stats = self.compute_stats(images)
+            if stats is None:
+                return None
+            if self.reference_stats is not None and _rank() == 0:
+                stats.save(self.reference_stats)
+            self._reference = stats
+        return self._reference
+
+    def compute(self, images) -> Optional[float]:
+        """FID of ``images`` against the reference, or None when FID is unavailable."""
+        if self.reference() is None:
+            return None
+        stats = self.compute_stats(images)
+        if stats is None:
+            return None
+        return frechet_distance(self._reference, stats, backend=self.backend)
