@@ -1,4 +1,8 @@
-"""Training images: webdataset tar shards, plain image folders, and a built-in offline dataset.
+"""Training images: decoding, and the per-rank batch stream over webdataset tar shards, plain
+image folders, or the built-in offline dataset.
+
+The shard format (writing, manifests, reading tars) lives in ``movq.shards`` and the built-in
+dataset in ``movq.builtin_data``; their public names are re-exported here.
 
 References: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
 share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample), the ``DistributedSampler.set_epoch``
@@ -36,43 +40,34 @@ re-split or dispatch them); move batches to the device yourself.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import io
 import itertools
-import json
 import logging
 import os
-import shutil
 import tarfile
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from movq.builtin_data import (  # noqa: F401  (re-exported: movq.data is the public entry point)
+    BUILTIN_TRAIN_PHOTOS, BUILTIN_VAL_PHOTOS, CACHE_ENV, builtin_dataset, cache_dir,
+)
 from movq.config import DataConfig
+from movq.shards import (  # noqa: F401  (re-exported)
+    MANIFEST_FORMAT, MANIFEST_NAME, ShardWriter, expand_shards, iter_tar, read_manifest,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "movq-shards/1"
-CACHE_ENV = "MOVQ_CACHE_DIR"
 _MAX_LOGGED = 5  # skip warnings per reason and worker; the counts themselves always go on
-
-
-def cache_dir(explicit: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """``explicit``, else ``$MOVQ_CACHE_DIR``, else ``~/.cache/movq``."""
-    if explicit:
-        return Path(explicit).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "movq"
 
 
 # --------------------------------------------------------------------------------------
@@ -154,120 +149,6 @@ def crop_square(
     if side == size:
         return img.crop(box), False
     return img.resize((size, size), Image.Resampling.BICUBIC, box=box), side < size
-
-
-# --------------------------------------------------------------------------------------
-# Shards: writing (deterministic tars + manifest) and reading
-# --------------------------------------------------------------------------------------
-class ShardWriter:
-    """Writes samples to ``out_dir/{prefix}-{i:06d}.tar``, ``maxcount`` samples per shard.
-
-    Headers carry no time or owner, so equal input gives byte-identical shards (and checksums);
-    each shard is written under a temporary name and renamed when complete."""
-
-    def __init__(self, out_dir: Union[str, os.PathLike], prefix: str = "shard", maxcount: int = 1000):
-        if maxcount < 1:
-            raise ValueError(f"maxcount must be ≥ 1, got {maxcount}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.maxcount = prefix, maxcount
-        self.shards: list[dict] = []  # {"name", "count", "sha256"} per finished shard
-        self._tar: Optional[tarfile.TarFile] = None
-        self._count = 0
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        if "." in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
-        if self._tar is None:
-            name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.out_dir / f".{name}.tmp", "w", format=tarfile.USTAR_FORMAT)
-            self._name, self._count = name, 0
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        if self._count >= self.maxcount:
-            self._finish()
-
-    def flush(self) -> None:
-        """End the current shard now (the next sample starts a new one)."""
-        if self._tar is not None:
-            self._finish()
-
-    def _finish(self) -> None:
-        assert self._tar is not None
-        self._tar.close()
-        tmp = self.out_dir / f".{self._name}.tmp"
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, self.out_dir / self._name)
-        self.shards.append({"name": self._name, "count": self._count, "sha256": digest})
-        self._tar = None
-
-    def close(self) -> list[dict]:
-        self.flush()
-        return self.shards
-
-
-def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:
-    """Write ``manifest.json``: format, count, shards (name, count, sha256) and ``info``
-    (classes, image_size, image_format, skipped, ...). Atomic (temp file + rename)."""
-    manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards), **info,
-                "shards": shards}
-    path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-    return manifest
-
-
-def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("shards"), list):
-            raise ValueError(f"format is not {MANIFEST_FORMAT}")
-    except ValueError as e:
-        raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
-    return manifest
-
-
-def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
-    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths.
-    Every shard must exist: a missing one fails here, naming it."""
-    from webdataset.shardlists import expand_urls
-
-    urls = list(pattern) if not isinstance(pattern, str) else expand_urls(pattern)
-    if not urls:
-        raise ValueError(f"shard pattern {pattern!r} matches no shards")
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist, e.g. {missing[:3]}"
-        )
-    return urls
-
-
-def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample; key = member path up to the first '.' of its name.
-    A tar that breaks off raises ``tarfile.TarError``/``OSError`` after the samples before it."""
-    key, members = None, {}
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            head, _, base = m.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            this = f"{head}/{stem}" if head else stem
-            if key is not None and this != key:
-                yield key, members
-                members = {}
-            key = this
-            members[ext.lower()] = tar.extractfile(m).read()
-    if key is not None:
-        yield key, members
 
 
 # --------------------------------------------------------------------------------------
@@ -669,104 +550,6 @@ def _collate(images, labels, keys, skipped: Counter, converted: Counter) -> dict
     x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # [B, 3, S, S] in [-1, 1]
     return {"image": x, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
             "skipped": dict(skipped), "converted": dict(converted)}
-
-
-# --------------------------------------------------------------------------------------
-# The built-in dataset: random crops of the photographs shipped with scikit-image / -learn
-# --------------------------------------------------------------------------------------
-_BUILTIN_VERSION = 1  # part of the cache key: bump it when the recipe below changes
-# Validation photographs are never cropped for training; the stereo pair stays together.
-BUILTIN_TRAIN_PHOTOS = (
-    "astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
-    "motorcycle_left", "motorcycle_right", "china", "camera", "moon", "grass", "gravel", "brick",
-)
-BUILTIN_VAL_PHOTOS = ("chelsea", "flower", "coins")
-_BUILTIN_SHARDS = {"train": 8, "val": 4}  # enough for 2 ranks x 2 workers to each get shards
-_BUILTIN_QUALITY = 95
-
-
-def _photo(name: str) -> np.ndarray:
-    """[H, W, 3] uint8 of a photograph shipped inside scikit-learn or scikit-image (offline)."""
-    if name in ("china", "flower"):
-        # The file load_sample_image reads, opened directly: importing sklearn costs seconds.
-        spec = importlib.util.find_spec("sklearn")
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError("the builtin dataset needs scikit-learn's sample images")
-        path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / f"{name}.jpg"
-        with Image.open(path) as img:
-            a = np.asarray(img.convert("RGB"))
-    else:
-        import skimage.data
-
-        if name.startswith("motorcycle_"):
-            left, right, _ = skimage.data.stereo_motorcycle()
-            a = left if name == "motorcycle_left" else right
-        else:
-            a = getattr(skimage.data, name)()
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    return np.ascontiguousarray(a[..., :3], dtype=np.uint8)
-
-
-def _builtin_crops(photos: Sequence[str], n: int, size: int, rng: np.random.Generator):
-    """n JPEG crops: a random photo, a square of log-uniform side between max(size, short/4)
-    and the short side (textures to whole scenes), resized to size x size."""
-    images = [Image.fromarray(_photo(p)) for p in photos]
-    for _ in range(n):
-        j = int(rng.integers(len(images)))
-        W, H = images[j].size
-        short = min(W, H)
-        lo = min(short, max(size, short // 4))
-        side = int(round(float(np.exp(rng.uniform(np.log(lo), np.log(short))))))
-        left, top = int(rng.integers(0, W - side + 1)), int(rng.integers(0, H - side + 1))
-        crop = images[j].resize((size, size), Image.Resampling.BICUBIC,
-                                box=(left, top, left + side, top + side))
-        buf = io.BytesIO()
-        crop.save(buf, "JPEG", quality=_BUILTIN_QUALITY)
-        yield buf.getvalue(), {"photo": photos[j], "box": [left, top, side]}
-
-
-def builtin_dataset(cfg: DataConfig) -> Path:
-    """Build (once) and return the builtin dataset's folder, holding ``train/`` and ``val/``
-    shards with manifests, under ``cache_dir(cfg.cache_dir)/builtin/`` keyed by its parameters.
-
-    Atomic and safe to race: each process builds in its own temp folder and renames it into
-    place; if another got there first, its (identical) result is kept."""
-    spec = {"version": _BUILTIN_VERSION, "image_size": cfg.image_size, "seed": cfg.seed % 2**32,
-            "train": [list(BUILTIN_TRAIN_PHOTOS), cfg.builtin_train_size],
-            "val": [list(BUILTIN_VAL_PHOTOS), cfg.builtin_val_size],
-            "shards": _BUILTIN_SHARDS, "quality": _BUILTIN_QUALITY}
-    if cfg.builtin_train_size < 1 or cfg.builtin_val_size < 1:
-        raise ValueError("data.builtin_train_size and data.builtin_val_size must be ≥ 1")
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    root = cache_dir(cfg.cache_dir) / "builtin" / f"{cfg.image_size}px-{key}"
-    if (root / "spec.json").is_file():  # written last, so the folder is complete
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
-    logger.info("building the builtin dataset in %s", root)
-    try:
-        for tag, split in enumerate(("train", "val")):
-            photos, n = spec[split]
-            n_shards = min(_BUILTIN_SHARDS[split], n)
-            writer = ShardWriter(tmp / split, maxcount=n)
-            rng = np.random.default_rng([spec["seed"], _BUILTIN_VERSION, tag])
-            for i, (data, meta) in enumerate(_builtin_crops(photos, n, cfg.image_size, rng)):
-                if i and i * n_shards // n != (i - 1) * n_shards // n:
-                    writer.flush()
-                writer.write(f"{i:06d}", {"jpg": data, "json": json.dumps(meta).encode()})
-            write_manifest(tmp / split, writer.close(), classes=[], image_size=cfg.image_size,
-                           image_format="jpg", photos=photos)
-        (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "spec.json").is_file():
-                raise
-            logger.info("another process built %s first; using it", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 # --------------------------------------------------------------------------------------
