@@ -208,7 +208,6 @@ def main(argv=None) -> int:
             f"K={manifest['codebook_size']}, {len(manifest['classes'])} classes); "
             f"skipped: {manifest['skipped'] or 'none'}; {time.time() - t0:.1f} s"
         )
-    acc.end_training()
     return 0
 
 

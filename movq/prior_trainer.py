@@ -1,0 +1,500 @@
+"""The MaskGIT prior's config, checkpoints and training loop (Chang et al. 2022 on Accelerate).
+
+Same structure and guarantees as the tokenizer's loop (:mod:`movq.trainer`, DiT's train.py): every
+rank reads its own share of the token shards; only rank 0 writes; checkpoints are atomic and a
+resume is bit-exact on CPU (the token stream is a pure function of seed and position, RNG states
+are restored); a non-finite loss or gradient skips the step; SIGINT / SIGTERM save and exit.
+
+One optimizer step is ``train.grad_accum`` micro-batches of the masked-token loss
+(:meth:`movq.maskgit.MaskGIT.training_loss`), AdamW over :meth:`MaskGIT.param_groups` (decay on
+matrices only), linear warmup. Every ``train.eval_every`` steps rank 0 writes a grid of samples
+(decoded with the tokenizer, else token maps) and an inpainting example from the EMA model;
+every ``train.fid_every`` steps all ranks compute FID when the Inception weights are present.
+
+A prior checkpoint folder (``model/`` or ``ema/``) holds ``model.safetensors`` and the resolved
+``config.yaml`` of the whole :class:`PriorConfig`; :func:`load_prior` rebuilds it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
+from movq.config import TrainConfig, load_config, save_config, to_dict
+from movq.maskgit import MaskGIT, MaskGITConfig
+from movq.sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS, box_mask, generate
+from movq.tokens import TokenDataConfig, TokenDataError, TokenDataset, read_token_manifest, resolve_tokenizer
+from movq.training import (
+    EMA,
+    CKPT_PATTERN,
+    Checkpointer,
+    RunDir,
+    StepGuard,
+    StopFlag,
+    load_state_dict,
+    mean_logs,
+    save_state_dict,
+    warmup_lambda,
+    write_trainer_state,
+)
+from movq.visualize import save_grid
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+GRID_COLUMNS = 8
+# The inpainting example regenerates the centre of the token grid: half its height and width.
+INPAINT_BOX = (0.25, 0.25, 0.75, 0.75)
+
+
+@dataclass
+class SampleConfig:
+    """Parallel decoding settings (MaskGIT: T = 8, choice temperature 4.5) for grids and sampling."""
+
+    steps: int = DEFAULT_STEPS
+    temperature: float = 1.0  # token sampling temperature (0 = argmax)
+    choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # Gumbel noise on the re-masking confidence
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = the conditional model
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    grid_images: int = 16  # samples in the periodic grid
+    inpaint_images: int = 4  # token maps of the training data in the inpainting example
+
+
+@dataclass
+class PriorConfig:
+    """Everything a prior run needs: model / data / train / sample."""
+
+    model: MaskGITConfig = field(default_factory=MaskGITConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def resolve_model_shape(cfg: PriorConfig, manifest: dict, where: str) -> PriorConfig:
+    """Check (or, with ``data.model_shape=from_tokens``, set) the model's shape from the tokens."""
+    m = cfg.model
+    tokens = {"codebook_size": int(manifest["codebook_size"]), "channels": int(manifest["channels"]),
+              "grid": (int(manifest["height"]), int(manifest["width"]))}
+    n_classes = len(manifest["classes"])
+    if cfg.data.model_shape == "from_tokens":
+        classes = n_classes if m.num_classes > 0 else 0
+        grid = tokens["grid"][0] if tokens["grid"][0] == tokens["grid"][1] else tokens["grid"]
+        cfg.model = dataclasses.replace(m, codebook_size=tokens["codebook_size"], channels=tokens["channels"],
+                                        grid=grid, num_classes=classes)
+        return cfg
+    if cfg.data.model_shape != "check":
+        raise ValueError(f"data.model_shape must be 'check' or 'from_tokens', got {cfg.data.model_shape!r}")
+    mine = {"codebook_size": m.codebook_size, "channels": m.channels, "grid": m.grid_hw}
+    bad = [k for k in mine if mine[k] != tokens[k]]
+    if bad:
+        fix = " ".join(f"model.{k}={list(tokens[k]) if k == 'grid' else tokens[k]}" for k in bad)
+        raise ValueError(f"the model does not fit the tokens in {where}: set {fix} (or data.model_shape=from_tokens)")
+    if m.num_classes > 0 and n_classes == 0:
+        raise ValueError(f"the tokens in {where} have no class labels: set model.num_classes=0 for an unconditional prior")
+    if m.num_classes > 0 and n_classes > m.num_classes:
+        raise ValueError(f"the tokens in {where} have {n_classes} classes but model.num_classes={m.num_classes}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+def save_prior(model: MaskGIT, cfg: PriorConfig, directory: Union[str, os.PathLike]) -> None:
+    """``model.safetensors`` + the resolved ``config.yaml``, each written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model, directory / WEIGHTS_NAME)
+    save_config(cfg, directory / CONFIG_NAME)
+
+
+def resolve_prior(path: Union[str, os.PathLike], prefer: str = "ema") -> Path:
+    """A :func:`save_prior` folder from itself, a checkpoint folder (``ema/`` or ``model/``, in the
+    order ``prefer`` says) or a run folder (its newest checkpoint)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if (p / "checkpoints").is_dir():
+        found = sorted(c for c in (p / "checkpoints").iterdir() if c.is_dir() and CKPT_PATTERN.match(c.name))
+        if not found:
+            raise FileNotFoundError(f"run folder {p} has no finished checkpoint under checkpoints/")
+        p = found[-1]
+    order = ("", "ema", "model") if prefer == "ema" else ("", "model", "ema")
+    for sub in order:
+        cand = p / sub if sub else p
+        if (cand / WEIGHTS_NAME).is_file() and (cand / CONFIG_NAME).is_file():
+            return cand
+    raise FileNotFoundError(
+        f"{p} is not a prior checkpoint: expected {WEIGHTS_NAME} + {CONFIG_NAME} in it or in its ema/ or model/"
+    )
+
+
+def load_prior(path: Union[str, os.PathLike], map_location: str = "cpu", prefer: str = "ema") -> tuple[MaskGIT, PriorConfig]:
+    """Rebuild ``(MaskGIT in eval mode, PriorConfig)`` from a checkpoint; nothing is unpickled."""
+    folder = resolve_prior(path, prefer)
+    cfg = load_config(PriorConfig, folder / CONFIG_NAME)
+    model = MaskGIT(cfg.model)
+    load_state_dict(model, folder / WEIGHTS_NAME)
+    return model.to(map_location).eval(), cfg
+
+
+def load_decoder(path: Optional[str], model_cfg: MaskGITConfig, device) -> Optional[nn.Module]:
+    """The tokenizer that decodes the prior's tokens, checked against its shape; None without a path."""
+    if not path:
+        return None
+    from movq.autoencoder import MoVQ
+
+    folder = resolve_tokenizer(path)
+    tok = MoVQ.from_pretrained(folder).eval().to(device)
+    q = tok.config.quantizer
+    if (q.codebook_size, q.channels) != (model_cfg.codebook_size, model_cfg.channels):
+        raise ValueError(
+            f"tokenizer {folder} has K={q.codebook_size}, C={q.channels} but the prior was trained on "
+            f"K={model_cfg.codebook_size}, C={model_cfg.channels} tokens"
+        )
+    return tok
+
+
+# --------------------------------------------------------------------------------------
+# Pictures of samples (shared with tools/sample.py)
+# --------------------------------------------------------------------------------------
+def class_cycle(n: int, num_classes: int, device=None) -> Optional[Tensor]:
+    """Labels ``0, 1, ..., K-1, 0, ...`` for a grid of a class-conditional model; None if unconditional."""
+    return torch.arange(n, device=device) % num_classes if num_classes > 0 else None
+
+
+@torch.no_grad()
+def decode_tokens(tokenizer: nn.Module, tokens: Tensor, batch: int = 64) -> Tensor:
+    """``int [B, C, h, w]`` → float images ``[B, 3, H, W]`` in [-1, 1] (fp32, on the tokens' device)."""
+    out = [tokenizer.decode_indices(t).float().clamp(-1, 1) for t in tokens.split(batch)]
+    return torch.cat(out)
+
+
+def token_map_images(tokens: Tensor, codebook_size: int, cell: int = 4) -> Tensor:
+    """A picture of token ids when no tokenizer is at hand: each id a fixed colour, the C channels
+    side by side; ``[B, 3, h·cell, C·w·cell]`` in [-1, 1]."""
+    palette = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (codebook_size + 1, 3)).astype(np.float32))
+    b, c, h, w = tokens.shape
+    img = palette[tokens.long().cpu().clamp(0, codebook_size)]  # [B, C, h, w, 3]
+    img = img.permute(0, 4, 2, 1, 3).reshape(b, 3, h, c * w)  # channels side by side
+    return img.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+
+
+def shade_cells(images: Tensor, keep: Tensor) -> Tensor:
+    """Grey out the cells where ``keep bool [B or 1, h, w]`` is False (masked), for pictures."""
+    H, W = images.shape[-2:]
+    m = torch.nn.functional.interpolate(keep.float()[:, None], size=(H, W), mode="nearest").to(images.device)
+    return images * m  # 0 is mid-grey in [-1, 1]
+
+
+def grid_columns(num_classes: int) -> int:
+    """One column per class when they fit on a row (a class-conditional grid reads by column)."""
+    return num_classes if 0 < num_classes <= 2 * GRID_COLUMNS else GRID_COLUMNS
+
+
+def rows_of(images: Tensor, columns: int = GRID_COLUMNS) -> list[Tensor]:
+    return list(images.split(columns))
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+class _TrainingLoss(nn.Module):
+    """Puts ``training_loss`` behind ``forward``, so DDP's gradient hooks see the call."""
+
+    def __init__(self, prior: MaskGIT):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, tokens: Tensor, labels: Optional[Tensor]):
+        return self.prior.training_loss(tokens, labels)
+
+
+class PriorTrainer:
+    """Builds everything from a ``PriorConfig``; ``fit()`` trains to ``train.max_steps``."""
+
+    def __init__(self, cfg: PriorConfig, accelerator: Optional[Accelerator] = None):
+        from movq.trainer import make_accelerator
+
+        t = cfg.train
+        if t.grad_accum < 1 or t.max_steps < 0 or cfg.data.batch_size < 1:
+            raise ValueError("train.grad_accum and data.batch_size must be ≥ 1 and train.max_steps ≥ 0")
+        if not cfg.data.tokens:
+            raise ValueError("data.tokens must name a token folder (made by tools/tokenize_dataset.py)")
+        manifest = read_token_manifest(cfg.data.tokens)
+        self.cfg = cfg = resolve_model_shape(cfg, manifest, cfg.data.tokens)
+        made_by = manifest.get("tokenizer")
+        if cfg.data.tokenizer is None and made_by and Path(made_by).is_dir():
+            cfg.data.tokenizer = made_by  # stored in the run's config for tools/sample.py
+        self.classes = list(manifest["classes"])
+        self.acc = acc = accelerator or make_accelerator(t, t.run_dir)
+        self.run = RunDir(t.run_dir, acc.is_main_process)
+        self.run.save_config(cfg)
+        self.data = TokenDataset(cfg.data.tokens, rank=acc.process_index, world_size=acc.num_processes,
+                                 verify=cfg.data.verify)
+
+        set_seed(t.seed)  # identical initial weights on every rank
+        prior = MaskGIT(cfg.model)
+        self.ema = EMA(prior, t.ema_decay) if t.ema_decay > 0 else None
+        if self.ema is not None:
+            self.ema.model.to(acc.device)
+        opt = torch.optim.AdamW(prior.param_groups(t.weight_decay), lr=t.lr, betas=t.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
+        self.model, self.opt, self.sched = acc.prepare(_TrainingLoss(prior), opt, sched)
+        # Per-rank runtime randomness (DiT): seed · world_size + rank.
+        set_seed(t.seed * acc.num_processes + acc.process_index)
+
+        self.guard = StepGuard(t.max_bad_steps)
+        self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints)
+        self.step = 0
+        self.tokens_seen = 0
+        self.tokenizer = load_decoder(cfg.data.tokenizer, cfg.model, acc.device) if cfg.data.tokenizer else None
+        self.fid = None
+        if t.fid_every > 0:
+            from movq.fid import FIDTracker
+
+            ref = t.fid_reference or str(self.run.root / "fid_reference.npz")
+            self.fid = FIDTracker(t.inception_weights, ref, device=acc.device)
+        if t.trackers:
+            flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+            acc.init_trackers(t.project, config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
+
+    @property
+    def prior(self) -> MaskGIT:
+        return self.acc.unwrap_model(self.model).prior
+
+    # ------------------------------------------------------------------ checkpoints
+    def _write_extra(self, folder: Path) -> None:
+        save_prior(self.prior, self.cfg, folder / "model")
+        if self.ema is not None:
+            save_prior(self.ema.model, self.cfg, folder / "ema")
+        write_trainer_state(folder, {"step": self.step, "guard": self.guard.state_dict(), "tokens_seen": self.tokens_seen})
+
+    def save(self) -> Path:
+        path = self.checkpointer.save(self.step, self._write_extra)
+        self.acc.print(f"saved checkpoint {path}")
+        return path
+
+    def resume(self) -> None:
+        path = self.checkpointer.resolve(self.cfg.train.resume)
+        if path is None:
+            return
+        state = self.checkpointer.load(path)
+        if self.ema is not None:
+            load_state_dict(self.ema.model, path / "ema" / WEIGHTS_NAME)
+        self.step = int(state["step"])
+        self.guard.load_state_dict(state["guard"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.acc.print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _labels(self, batch: dict) -> Optional[Tensor]:
+        return batch["label"].to(self.acc.device) if self.cfg.model.num_classes > 0 else None
+
+    def _micro_step(self, batch: dict) -> dict:
+        acc = self.acc
+        tokens = batch["tokens"].to(acc.device, non_blocking=True)
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                loss, logs = self.model(tokens, self._labels(batch))
+            acc.backward(loss)
+        return logs
+
+    def _optimizer_step(self, logs: dict) -> bool:
+        acc, t = self.acc, self.cfg.train
+        norm = acc.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        ok = self.guard.check(logs["loss"], norm)
+        if ok:
+            self.opt.step()
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update(self.prior)
+        else:
+            acc.print(f"step {self.step}: non-finite loss or gradient, step skipped ({self.guard.in_a_row} in a row)")
+        self.opt.zero_grad(set_to_none=True)
+        logs["grad_norm"] = norm
+        return ok
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_model(self) -> MaskGIT:
+        return self.ema.model if self.ema is not None else self.prior
+
+    def _sample(self, model: MaskGIT, labels: Optional[Tensor], n: int, seed: int, **kw) -> Tensor:
+        s = self.cfg.sample
+        g = torch.Generator(self.acc.device).manual_seed(seed)
+        return generate(model, labels, num_samples=n, generator=g, steps=s.steps, temperature=s.temperature,
+                        choice_temperature=s.choice_temperature, cfg_scale=s.cfg_scale if labels is not None else 1.0,
+                        cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule, **kw)
+
+    def _pictures(self, tokens: Tensor) -> Tensor:
+        if self.tokenizer is not None:
+            return decode_tokens(self.tokenizer, tokens).cpu()
+        return token_map_images(tokens, self.cfg.model.codebook_size)
+
+    @torch.no_grad()
+    def write_pictures(self) -> dict[str, Path]:
+        """Rank 0: a grid of samples (one class per column cycle) and an inpainting example."""
+        model, s, dev = self._eval_model(), self.cfg.sample, self.acc.device
+        was_training = model.training
+        model.eval()
+        out = {}
+        if s.grid_images > 0:
+            labels = class_cycle(s.grid_images, self.cfg.model.num_classes, dev)
+            tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed)
+            out["samples"] = self.run.images / f"samples_{self.step:07d}.png"
+            save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)), out["samples"])
+        n = min(s.inpaint_images, len(self.data))
+        if n > 0:
+            real = self.data.tokens[:n].to(dev)
+            labels = self._labels({"label": self.data.labels[:n]})
+            h, w = self.cfg.model.grid_hw
+            box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
+            known = box_mask(h, w, box, image_size=(h, w), inside=True).to(dev)
+            filled = self._sample(model, labels, n, self.cfg.train.seed + 1, tokens=real, known_mask=known)
+            pics = self._pictures(torch.cat([real, filled]))
+            orig, new = pics[:n], pics[n:]
+            out["inpaint"] = self.run.images / f"inpaint_{self.step:07d}.png"
+            save_grid([orig, shade_cells(orig, known[None].cpu()), new], out["inpaint"])
+        model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def compute_fid(self) -> Optional[float]:
+        """FID of ``train.fid_num_images`` samples (split over ranks) against the reference
+        statistics; the reference is made from decoded training tokens when its file is missing."""
+        t = self.cfg.train
+        if self.fid is None or self.tokenizer is None:
+            if self.fid is not None and not getattr(self, "_fid_warned", False):
+                log.warning("FID disabled: no tokenizer to decode samples (set data.tokenizer)")
+                self._fid_warned = True
+            return None
+        if self.fid.extractor() is None:  # weights missing: logged once by the tracker
+            return None
+        acc, model = self.acc, self._eval_model()
+        n = max(1, t.fid_num_images // acc.num_processes)
+        bs = self.cfg.data.batch_size
+        if self.fid.reference() is None:
+            real = (decode_tokens(self.tokenizer, self.data.tokens[i : i + bs].to(acc.device))
+                    for i in range(0, min(n, len(self.data)), bs))
+            self.fid.ensure_reference(real)
+
+        def fakes():
+            for i in range(0, n, bs):
+                m = min(bs, n - i)
+                labels = None
+                if self.cfg.model.num_classes > 0:
+                    labels = torch.arange(i, i + m, device=acc.device) % self.cfg.model.num_classes
+                seed = t.seed * 1_000_003 + acc.process_index * 7919 + i
+                yield decode_tokens(self.tokenizer, self._sample(model, labels, m, seed))
+
+        was_training = model.training
+        model.eval()
+        value = self.fid.compute(fakes())
+        model.train(was_training)
+        return value
+
+    # ------------------------------------------------------------------ the loop
+    def _log(self, history: list[dict], t0: float, samples: int) -> dict:
+        acc = self.acc
+        means = mean_logs(history)
+        keys = sorted(means)
+        vec = torch.tensor([means[k] for k in keys], device=acc.device, dtype=torch.float64)
+        vec = acc.reduce(vec, reduction="mean")
+        out = {k: float(v) for k, v in zip(keys, vec.tolist())}
+        out["lr"] = self.sched.get_last_lr()[0]
+        out["bad_steps"] = self.guard.total
+        out["samples_per_s"] = samples * acc.num_processes / max(time.time() - t0, 1e-9)
+        self.run.log_metrics(self.step, "train", out)
+        acc.log(out, step=self.step)
+        return out
+
+    def _evaluate(self) -> dict:
+        acc, t = self.acc, self.cfg.train
+        result = {}
+        if acc.is_main_process:
+            result.update({k: str(v) for k, v in self.write_pictures().items()})
+        if t.fid_every > 0 and self.step % t.fid_every == 0:
+            fid = self.compute_fid()
+            if fid is not None:
+                result["fid"] = fid
+        acc.wait_for_everyone()
+        return result
+
+    def fit(self) -> dict:
+        """Train to ``train.max_steps``; returns a summary (steps, time, last eval, paths)."""
+        acc, t = self.acc, self.cfg.train
+        self.resume()
+        # The stream is a pure function of (seed, position): a resume continues where it stopped.
+        batches = self.data.batches(self.cfg.data.batch_size, self.cfg.data.seed, start_step=self.step * t.grad_accum)
+        stop = StopFlag()
+        history: list[dict] = []
+        last_eval: dict = {}
+        t_start = t_log = time.time()
+        samples_since_log = 0
+        progress = None
+        if acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        self.model.train()
+        try:
+            while self.step < t.max_steps:
+                logs = {}
+                for _ in range(t.grad_accum):
+                    batch = next(batches)
+                    logs = self._micro_step(batch)
+                    samples_since_log += batch["tokens"].shape[0]
+                    self.tokens_seen += batch["tokens"].shape[0] * acc.num_processes
+                if self._optimizer_step(logs):
+                    history.append({k: float(v) for k, v in logs.items()})
+                self.step += 1
+                if progress is not None:
+                    progress.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    out = self._log(history or [{}], t_log, samples_since_log)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{out.get('loss', math.nan):.4f}", acc=f"{out.get('accuracy', math.nan):.3f}")
+                    history, t_log, samples_since_log = [], time.time(), 0
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    last_eval = self._evaluate()
+                    self.run.log_metrics(self.step, "eval", last_eval)
+                    acc.log({k: v for k, v in last_eval.items() if isinstance(v, float)}, step=self.step)
+                if self.step % t.save_every == 0 or self.step == t.max_steps:
+                    self.save()
+                if stop.should_stop(acc.device):
+                    acc.print(f"stopping at step {self.step} on request")
+                    if self.step % t.save_every != 0 and self.step != t.max_steps:
+                        self.save()
+                    break
+        finally:
+            stop.restore()
+            if progress is not None:
+                progress.close()
+            acc.end_training()
+        found = self.checkpointer.list()
+        return {
+            "steps": self.step,
+            "seconds": time.time() - t_start,
+            "eval": last_eval,
+            "bad_steps": self.guard.total,
+            "run_dir": str(self.run.root),
+            "checkpoint": str(found[-1]) if found else None,
+        }
+
+
+__all__ = [
+    "PriorConfig", "SampleConfig", "PriorTrainer", "save_prior", "load_prior", "resolve_prior", "load_decoder",
+    "resolve_model_shape", "decode_tokens", "token_map_images", "shade_cells", "class_cycle", "grid_columns",
+    "rows_of",
+]

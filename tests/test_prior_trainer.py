@@ -1,0 +1,215 @@
+"""The prior's trainer: bit-exact resume, NaN guard, model shape vs tokens, checkpoints that load,
+pictures with and without a tokenizer, FID that stays off without Inception weights."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from movq.config import ConfigError, load_config
+from movq.maskgit import MaskGIT
+from movq.prior_trainer import PriorConfig, PriorTrainer, load_prior, resolve_model_shape
+from movq.tokens import finish_shard, prepare_output, write_token_manifest
+from movq.training import NonFiniteError
+
+from test_tokens import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tokens(out: Path, classes=("a", "b", "c"), n_shards=2, per=12, tokenizer=None) -> Path:
+    """Token maps of C=2 × 4×4, K=16 with structure to learn: each cell repeats its class's pattern."""
+    rng = np.random.default_rng(0)
+    spec = {"channels": 2, "height": 4, "width": 4, "codebook_size": 16, "classes": list(classes)}
+    if tokenizer is not None:
+        spec["tokenizer"] = str(tokenizer)
+    prepare_output(out, spec)
+    patterns = rng.integers(0, 16, (max(1, len(classes)), 2, 4, 4))
+    for j in range(n_shards):
+        samples = []
+        for i in range(per):
+            c = (j * per + i) % max(1, len(classes))
+            t = patterns[c].copy()
+            t[:, rng.integers(4), rng.integers(4)] = rng.integers(0, 16, 2)  # a little noise
+            samples.append((f"{j}_{i}", t.astype(np.uint16), c if classes else -1))
+        finish_shard(out, j, samples, {}, {})
+    write_token_manifest(out, n_shards)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior")
+    tok = tiny_tokenizer(root / "tok", resolution=8)  # 8² images → 2 × 4×4 tokens, K = 16
+    return {"tokens": make_tokens(root / "tokens", tokenizer=tok), "tokenizer": tok,
+            "plain": make_tokens(root / "plain", classes=())}
+
+
+def tiny_cfg(run_dir, tokens, **train) -> PriorConfig:
+    base = {
+        "model": {"codebook_size": 16, "channels": 2, "grid": 4, "num_classes": 3, "width": 32, "depth": 1,
+                  "heads": 2, "dropout": 0.1, "attn_dropout": 0.0},
+        "data": {"tokens": str(tokens), "batch_size": 4},
+        "train": {"run_dir": str(run_dir), "max_steps": 6, "log_every": 1, "eval_every": 3, "save_every": 3,
+                  "ema_decay": 0.9, "warmup_steps": 2, "grad_accum": 2, "lr": 1e-3, "betas": [0.9, 0.96],
+                  "weight_decay": 0.05, **train},
+        "sample": {"steps": 3, "grid_images": 3, "inpaint_images": 2, "cfg_scale": 2.0},
+    }
+    return load_config(PriorConfig, base)
+
+
+def fit(cfg):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = PriorTrainer(cfg)
+    return trainer, trainer.fit()
+
+
+def train_records(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def test_resume_is_bit_exact(tmp_path, data):
+    straight, _ = fit(tiny_cfg(tmp_path / "a", data["tokens"]))
+    fit(tiny_cfg(tmp_path / "b", data["tokens"], max_steps=3))
+    resumed, summary = fit(tiny_cfg(tmp_path / "b", data["tokens"], resume="latest"))
+    assert summary["steps"] == 6
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    for step in (4, 5, 6):
+        for key in ("loss", "accuracy", "mask_rate", "class_dropped", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    sa, sb = straight.prior.state_dict(), resumed.prior.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ea, eb = straight.ema.model.state_dict(), resumed.ema.model.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # the saved EMA is a loadable prior with the run's config, tokenizer path included
+    model, cfg = load_prior(tmp_path / "a")
+    assert all(torch.equal(model.state_dict()[k], ea[k]) for k in ea)
+    assert cfg.data.tokenizer == str(data["tokenizer"]) and not model.training
+    live, _ = load_prior(tmp_path / "a" / "checkpoints" / "0000006", prefer="model")
+    assert all(torch.equal(live.state_dict()[k], sa[k]) for k in sa)
+    # pictures decoded by the tokenizer: 8² images, a row of samples and three inpainting rows
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a" / "images" / "samples_0000006.png").size == (3 * 10 + 2, 12)
+    assert Image.open(tmp_path / "a" / "images" / "inpaint_0000006.png").size == (2 * 10 + 2, 3 * 10 + 2)
+
+
+def test_loss_falls_and_token_maps_without_tokenizer(tmp_path, data):
+    cfg = tiny_cfg(tmp_path / "a", data["plain"], max_steps=30, grad_accum=1, eval_every=30, save_every=30,
+                   log_every=10, fid_every=30, inception_weights=str(tmp_path / "missing.pth"))
+    cfg.model.num_classes = 0  # the tokens are unlabelled: an unconditional prior
+    cfg.model.label_smoothing, cfg.model.dropout = 0.0, 0.0
+    trainer, summary = fit(cfg)
+    recs = train_records(tmp_path / "a")
+    assert recs[30]["loss"] < recs[10]["loss"] - 0.3 and recs[30]["accuracy"] > 0.6, (recs[10], recs[30])
+    assert "fid" not in summary["eval"]  # no tokenizer, no Inception weights: FID is skipped
+    assert (tmp_path / "a" / "images" / "samples_0000030.png").is_file()  # token maps instead
+
+
+def test_nan_loss_is_skipped_then_aborts(tmp_path, data, monkeypatch):
+    original = MaskGIT.training_loss
+    calls = {"n": 0, "poison": {5, 6}}
+
+    def training_loss(self, tokens, labels=None, generator=None):
+        loss, logs = original(self, tokens, labels, generator)
+        calls["n"] += 1
+        if calls["n"] in calls["poison"]:
+            loss = loss * float("nan")
+            logs["loss"] = loss.detach()
+        return loss, logs
+
+    monkeypatch.setattr(MaskGIT, "training_loss", training_loss)
+    trainer, summary = fit(tiny_cfg(tmp_path / "a", data["tokens"], max_steps=4, eval_every=100))
+    assert summary["bad_steps"] == 1  # micro-steps 5 and 6 make optimizer step 3 (grad_accum 2)
+    assert all(torch.isfinite(p).all() for p in trainer.prior.parameters())
+    recs = train_records(tmp_path / "a")
+    assert recs[3]["bad_steps"] == 1 and np.isfinite(recs[4]["loss"])
+
+    calls["n"], calls["poison"] = 0, set(range(7, 1000))
+    with pytest.raises(NonFiniteError, match="non-finite steps in a row"):
+        fit(tiny_cfg(tmp_path / "b", data["tokens"], max_steps=20, max_bad_steps=2, eval_every=100))
+    load_prior(tmp_path / "b" / "checkpoints" / "0000003")  # the last good checkpoint is intact
+
+
+def test_model_shape_against_tokens(tmp_path, data):
+    manifest = json.loads((data["tokens"] / "manifest.json").read_text())
+    cfg = tiny_cfg(tmp_path, data["tokens"])
+    cfg.model.codebook_size, cfg.model.grid = 64, 8
+    with pytest.raises(ValueError, match=r"set model.codebook_size=16 model.grid=\[4, 4\]"):
+        resolve_model_shape(cfg, manifest, "X")
+    cfg.data.model_shape = "from_tokens"
+    cfg = resolve_model_shape(cfg, manifest, "X")
+    assert (cfg.model.codebook_size, cfg.model.grid_hw, cfg.model.num_classes) == (16, (4, 4), 3)
+    plain = json.loads((data["plain"] / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="no class labels: set model.num_classes=0"):
+        resolve_model_shape(tiny_cfg(tmp_path, data["plain"]), plain, "Y")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(PriorConfig, {"data": {"token": "x"}})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prior(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="data.tokens must name a token folder"):
+        fit(load_config(PriorConfig, {"train": {"run_dir": str(tmp_path / "r")}}))
+
+
+TWO_RANK_SCRIPT = """
+import importlib.util, json, sys
+from pathlib import Path
+import torch
+root, tok, img, out = map(Path, sys.argv[1:5])
+def tool(name):
+    spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+assert tool("tokenize_dataset").main(["--tokenizer", str(tok), str(img), str(out / "tokens"), "--shard-size", "3", "--cpu"]) == 0
+from movq.config import load_config
+from movq.prior_trainer import PriorConfig, PriorTrainer
+cfg = load_config(PriorConfig, {
+    "model": {"width": 32, "depth": 1, "heads": 2, "num_classes": 1},
+    "data": {"tokens": str(out / "tokens"), "batch_size": 2, "model_shape": "from_tokens"},
+    "train": {"run_dir": str(out / "run"), "max_steps": 3, "log_every": 1, "eval_every": 3, "save_every": 3},
+    "sample": {"steps": 2, "grid_images": 2, "inpaint_images": 1}})
+trainer = PriorTrainer(cfg)
+trainer.acc.end_training = lambda: None  # keep the process group for the sampling below
+trainer.fit()
+flat = torch.cat([p.detach().flatten() for p in trainer.prior.parameters()])
+rank = trainer.acc.process_index
+assert tool("sample").main(["--checkpoint", str(out / "run"), "--num-samples", "5", "--out", str(out / "s"),
+                            "--batch-size", "2", "--cpu"]) == 0
+json.dump({"world": trainer.acc.num_processes, "params": flat.tolist()[:500], "sum": float(flat.double().sum()),
+           "data": sorted(map(str, trainer.data.tokens.flatten(1).tolist()))}, open(out / f"rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_cpu_tokenize_train_sample(tmp_path, data):
+    """torchrun with 2 CPU processes: tokenize, train (ranks in sync, disjoint data), sample."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (tmp_path / "img" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "script.py").write_text(TWO_RANK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(tmp_path / "script.py"), str(ROOT), str(data["tokenizer"]), str(tmp_path / "img"), str(tmp_path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["params"] == r1["params"] and r0["sum"] == r1["sum"]  # ranks stayed in sync
+    assert r0["data"] and r1["data"] and len(r0["data"]) + len(r1["data"]) == 8
+    assert json.loads((tmp_path / "tokens" / "manifest.json").read_text())["count"] == 8
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["arr_0"].shape == (5, 8, 8, 3)
+    assert len(list((tmp_path / "s").glob("[0-9]*.png"))) == 5

@@ -1,0 +1,124 @@
+"""tools/sample.py on a tiny checkpoint: N images and a valid .npz, resumable and reproducible,
+rank split, editing that keeps the known tokens, and clear failures on bad input."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from movq.config import load_config
+from movq.maskgit import MaskGIT
+from movq.prior_trainer import PriorConfig, save_prior
+
+from test_tokens import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sample_tool", ROOT / "tools" / "sample.py")
+sample_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_tool)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random class-conditional prior (3 classes, 2 × 4×4 tokens, K = 16) + its 8² tokenizer."""
+    root = tmp_path_factory.mktemp("sample")
+    tok = tiny_tokenizer(root / "tok", resolution=8)
+    cfg = load_config(PriorConfig, {
+        "model": {"codebook_size": 16, "channels": 2, "grid": 4, "num_classes": 3, "width": 32, "depth": 1, "heads": 2},
+        "data": {"tokenizer": str(tok)},
+        "sample": {"steps": 4, "cfg_scale": 1.5},
+    })
+    torch.manual_seed(0)
+    save_prior(MaskGIT(cfg.model), cfg, root / "run" / "checkpoints" / "0000010" / "ema")
+    return root / "run"
+
+
+def run(*args) -> int:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return sample_tool.main([str(a) for a in args])
+
+
+def test_writes_n_images_and_npz_resumably(tmp_path, ckpt):
+    out = tmp_path / "s"
+    assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--grid", "--steps-strip") == 0
+    pngs = sorted(p.name for p in out.glob("[0-9]*.png"))
+    assert pngs == [f"{i:06d}.png" for i in range(5)]
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        arr = f["arr_0"]
+    assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
+    assert (out / "grid.png").is_file()
+    assert Image.open(out / "steps.png").size == (4 * 10 + 2, 4 * 10 + 2)  # 4 samples × 4 steps
+    info = json.loads((out / "sampling.json").read_text())
+    assert info["generated_now"] == 5 and info["steps"] == 4 and info["cfg_scale"] == 1.5
+
+    # resumable: only the missing image is drawn again, identically (noise seeded per batch)
+    before = (out / "000003.png").read_bytes()
+    stamp = (out / "000000.png").stat().st_mtime_ns
+    (out / "000003.png").unlink()
+    assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2) == 0
+    assert (out / "000003.png").read_bytes() == before
+    assert (out / "000000.png").stat().st_mtime_ns == stamp
+    assert json.loads((out / "sampling.json").read_text())["generated_now"] == 1
+
+    # one class for all, and a different seed gives different samples
+    assert run("--checkpoint", ckpt, "--num-samples", 2, "--out", tmp_path / "c", "--class-label", 2,
+               "--seed", 1, "--steps", 2, "--cfg-scale", 1) == 0
+    with np.load(tmp_path / "c" / "samples.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3) and not np.array_equal(f["arr_0"], arr[:2])
+
+
+def test_rank_split_covers_each_index_once():
+    n, b, world = 11, 3, 3
+    iterations = -(-n // (b * world))
+    seen = [i for it in range(iterations) for r in range(world) for i in sample_tool.batch_indices(it, r, b, world)]
+    assert len(seen) == len(set(seen)) == iterations * b * world  # padded to the global batch
+    assert set(range(n)) <= set(seen)
+
+
+@pytest.mark.parametrize("outpaint", [False, True])
+def test_edit_keeps_known_tokens(tmp_path, ckpt, outpaint):
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "e"
+    args = ["--checkpoint", ckpt, "--num-samples", 3, "--out", out, "--edit", image, "--box", "4,2,10,8",
+            "--save-tokens", "--batch-size", 3] + (["--outpaint"] if outpaint else [])
+    assert run(*args) == 0
+    src = np.load(out / "edit_source.npz")
+    known = src["known"]  # [4, 4]: centre crop 12² → 8², box → cells
+    assert known.shape == (4, 4) and 0 < known.sum() < 16
+    changed = np.zeros((4, 4), bool)
+    for i in range(3):
+        t = np.load(out / "tokens" / f"{i:06d}.npy")
+        assert t.dtype == np.uint16 and t.shape == (2, 4, 4)
+        assert np.array_equal(t[:, known], src["tokens"][:, known])
+        changed |= (t != src["tokens"]).any(0)
+    assert not (changed & known).any() and changed.any()
+    assert (out / "edit.png").is_file() and np.load(out / "samples.npz")["arr_0"].shape == (3, 8, 8, 3)
+
+
+def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (16, 12)).save(image)
+    base = ["--num-samples", 2, "--out", tmp_path / "o"]
+    cases = [
+        (["--checkpoint", tmp_path / "missing"], "checkpoint"),
+        (["--checkpoint", ckpt, "--class-label", 3], "--class-label 3 is outside [0, 3)"),
+        (["--checkpoint", ckpt, "--edit", tmp_path / "none.png", "--box", "0,0,4,4"], "no such file"),
+        (["--checkpoint", ckpt, "--edit", image, "--box", "4,2,40,8"], "must satisfy 0 <= x0 < x1 <= 16"),
+        (["--checkpoint", ckpt, "--edit", image, "--box", "0,2,2,8"], "outside the centre square"),
+        (["--checkpoint", ckpt, "--tokenizer", tmp_path], "not a tokenizer checkpoint"),
+    ]
+    for extra, message in cases:
+        assert run(*extra, *base) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    for extra in (["--box", "1,2,3"], ["--box", "0,0,4,4"], ["--outpaint"], ["--num-samples", 0]):
+        with pytest.raises(SystemExit) as e:
+            sample_tool.parse_args(["--checkpoint", str(ckpt), "--num-samples", "2", "--out", "o", *map(str, extra)])
+        assert e.value.code == 2
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))

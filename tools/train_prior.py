@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Train a MaskGIT prior on token shards (made by tools/tokenize_dataset.py).
+
+    accelerate launch tools/train_prior.py --config configs/maskgit_base.yaml [key.sub=value ...]
+    python tools/train_prior.py --config configs/maskgit_tiny.yaml train.max_steps=100
+    torchrun --nproc_per_node 2 tools/train_prior.py --config configs/maskgit_tiny.yaml
+
+Overrides use the config's dotted keys, e.g. ``data.tokens=runs/x/tokens train.resume=latest``.
+The run folder gets config.yaml, metrics.jsonl, images/ (sample grids and inpainting examples) and
+checkpoints/NNNNNNN/{model,ema}/ (load with movq.prior_trainer.load_prior or tools/sample.py).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from movq.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (configs/maskgit_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from movq.prior_trainer import PriorConfig, PriorTrainer
+    from movq.training import NonFiniteError
+
+    try:
+        cfg = load_config(PriorConfig, args.config, args.overrides)
+        trainer = PriorTrainer(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.fit()
+    except NonFiniteError as e:
+        trainer.acc.print(f"error: {e}")
+        return 3
+    if trainer.acc.is_main_process:
+        ev, m = summary["eval"], trainer.cfg.model
+        kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
+        lines = [
+            "",
+            "=" * 64,
+            f" trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min"
+            f" ({trainer.acc.num_processes} process(es), {trainer.acc.device})",
+            f" prior: {trainer.prior.num_params() / 1e6:.2f}M parameters, {m.channels}×{m.grid_hw[0]}×{m.grid_hw[1]}"
+            f" tokens, K={m.codebook_size}, {kind}",
+            f" FID {ev['fid']:.2f}" if "fid" in ev else " FID: not computed (needs train.fid_every, Inception weights, a tokenizer)",
+            f" non-finite steps skipped: {summary['bad_steps']}",
+            f" samples:      {ev.get('samples', '-')}",
+            f" inpainting:   {ev.get('inpaint', '-')}",
+            f" run folder:   {summary['run_dir']}  (config.yaml, metrics.jsonl, images/)",
+            f" checkpoint:   {summary['checkpoint']}  (tools/sample.py --checkpoint {summary['run_dir']})",
+            "=" * 64,
+        ]
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
