@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Images/s of MaskGIT sampling (prior + MoVQ decoder) against an autoregressive decode with a KV cache.
+
+    python tools/bench_sampling.py --out benchmarks/results/sampling_h100.json        # GPU, bf16
+    python tools/bench_sampling.py --quick --out benchmarks/results/sampling_cpu_quick.json
+
+Full run (issue 6): the base prior of configs/maskgit_base.yaml (24 layers, width 768, 16 heads) on
+16×16×4 tokens, K = 1024, decoded to 256² by the MoVQ of configs/imagenet256.yaml, random weights
+(speed does not depend on them), class-conditional, T ∈ {8, 12}, several batch sizes, bf16 autocast.
+
+Baseline, in the same run: a causal transformer of the same size (same width, depth, heads, MLP,
+embeddings and C output heads) that generates the same tokens one cell at a time, left to right,
+with a KV cache: h·w = 256 sequential steps, each emitting the C tokens of a cell. That is the most
+favourable autoregressive order for the baseline (a token-by-token order over h·w·C would take C
+times as many steps), so the ratio is a lower bound. Both sides include the same image decoding.
+
+Reported per case: median / min seconds of one batch over ``--repeats`` timed runs after a warm-up,
+images/s, and the prior's share (decoding timed separately). The JSON names the device and the
+versions. Targets (issue 6, on an H100/H200): ≥ 300 images/s for the base config at T = 8 in bf16,
+decoding included, and ≥ 10× the autoregressive rate at equal size and batch. ``--quick``: tiny
+shapes on CPU in seconds, to check the harness only (its numbers say nothing about speed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from einops import rearrange  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from movq.maskgit import LN_EPS, MaskGIT, MaskGITConfig  # noqa: E402
+from movq.sampling import generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_IMAGES_PER_S = 300.0  # base config, T = 8, bf16, decoding included (issue 6)
+TARGET_RATIO = 10.0  # over the autoregressive decode at equal size
+
+
+# --------------------------------------------------------------------------------------
+# The autoregressive baseline (bench only)
+# --------------------------------------------------------------------------------------
+class CausalBlock(nn.Module):
+    """Pre-norm block as MaskGIT's, attention over the cached past only."""
+
+    def __init__(self, cfg: MaskGITConfig):
+        super().__init__()
+        d, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.heads = cfg.heads
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=LN_EPS), nn.LayerNorm(d, eps=LN_EPS)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: Tensor, cache: dict, t: int, length: int) -> Tensor:
+        """x [B, 1, D] at position t; ``cache`` k/v [B, heads, length, D/heads] are filled at t
+        (allocated at t = 0 in the dtype autocast gives k and v)."""
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if not cache:
+            cache["k"] = k.new_zeros(k.shape[0], k.shape[1], length, k.shape[3])
+            cache["v"] = torch.zeros_like(cache["k"])
+        cache["k"][:, :, t : t + 1] = k
+        cache["v"][:, :, t : t + 1] = v
+        y = F.scaled_dot_product_attention(q, cache["k"][:, :, : t + 1], cache["v"][:, :, : t + 1])  # [B, h, 1, d]
+        x = x + self.proj(rearrange(y, "b h t d -> b t (h d)"))
+        return x + self.mlp(self.norm2(x))
+
+
+class CausalPrior(nn.Module):
+    """Same size as :class:`MaskGIT`; position 0 is the class token, position i + 1 holds cell i."""
+
+    def __init__(self, cfg: MaskGITConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, w = cfg.grid_hw
+        k, c = cfg.codebook_size, cfg.channels
+        self.token_emb = nn.Embedding(c * k, cfg.width)
+        self.register_buffer("channel_offset", torch.arange(c) * k, persistent=False)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)
+        self.pos_emb = nn.Parameter(torch.randn(1, h * w, cfg.width) * 0.02)
+        self.emb_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.blocks = nn.ModuleList(CausalBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
+        self.head = nn.Linear(cfg.width, c * k)
+
+    @torch.no_grad()
+    def generate(self, labels: Tensor, generator: torch.Generator, temperature: float = 1.0) -> Tensor:
+        """Tokens ``int64 [B, C, h, w]``, one cell per step (its C tokens sampled together)."""
+        cfg = self.cfg
+        h, w = cfg.grid_hw
+        n, b = h * w, labels.shape[0]
+        caches: list[dict] = [{} for _ in self.blocks]
+        x = self.class_emb(labels)[:, None]  # [B, 1, D]
+        cells = []
+        for t in range(n):
+            x = self.emb_norm(x + self.pos_emb[:, t : t + 1])
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, cache, t, n)
+            logits = self.head(self.norm(x)).float().view(b, cfg.channels, cfg.codebook_size)
+            u = torch.rand(logits.shape, generator=generator, device=generator.device).to(logits.device)
+            token = torch.argmax(logits / temperature - torch.log(-torch.log(u + 1e-20) + 1e-20), -1)  # [B, C]
+            cells.append(token)
+            x = self.token_emb(token + self.channel_offset).sum(1, keepdim=True)  # next input: this cell
+        return rearrange(torch.stack(cells, 1), "b (h w) c -> b c h w", h=h, w=w)
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Models of the run
+# --------------------------------------------------------------------------------------
+def build(quick: bool, device: torch.device):
+    from movq.autoencoder import MoVQ
+    from movq.config import TokenizerConfig, load_config
+    from movq.prior_trainer import PriorConfig
+
+    if quick:
+        prior_cfg = MaskGITConfig(codebook_size=32, channels=2, grid=4, num_classes=10, width=64, depth=2,
+                                  heads=4, dropout=0.0, attn_dropout=0.0)
+        tok_cfg = load_config(TokenizerConfig, {
+            "model": {"resolution": 16, "base_channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
+                      "attn_resolutions": [], "mid_attention": False, "norm_groups": 4},
+            "quantizer": {"codebook_size": 32, "channels": 2, "dim": 4}})
+    else:
+        prior_cfg = load_config(PriorConfig, ROOT / "configs" / "maskgit_base.yaml").model
+        tok_cfg = load_config(TokenizerConfig, ROOT / "configs" / "imagenet256.yaml")
+    torch.manual_seed(0)
+    prior = MaskGIT(prior_cfg).to(device).eval()
+    ar = CausalPrior(prior_cfg).to(device).eval()
+    tokenizer = MoVQ(tok_cfg).to(device).eval()
+    return prior, ar, tokenizer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes on CPU: harness check only")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="default: 32 64 128 256 (quick: 2 4)")
+    p.add_argument("--steps", type=int, nargs="+", default=[8, 12], help="MaskGIT decoding steps T")
+    p.add_argument("--ar-batch-sizes", type=int, nargs="+", help="baseline batch sizes (default: the same)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (≠ 1 doubles the prior's batch)")
+    p.add_argument("--decode-batch", type=int, default=64, help="images per decoder call (bounds memory)")
+    p.add_argument("--warmup", type=int, help="untimed runs per case (default 2, quick 1)")
+    p.add_argument("--repeats", type=int, help="timed runs per case (default 5, quick 2)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even with a GPU")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not (args.cpu or args.quick) else "cpu")
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    batches = args.batch_sizes or ([2, 4] if args.quick else [32, 64, 128, 256])
+    ar_batches = args.ar_batch_sizes or batches
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    if min(batches + ar_batches + args.steps) < 1 or repeats < 1 or warmup < 0:
+        p.error("batch sizes, steps and repeats must be >= 1")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    t_start = time.time()
+    prior, ar, tokenizer = build(args.quick, device)
+    cfg = prior.config
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def labels(b: int) -> Tensor:
+        return torch.arange(b, device=device) % cfg.num_classes
+
+    def decode(tokens: Tensor) -> Tensor:
+        with torch.no_grad(), torch.autocast(**autocast):
+            return torch.cat([tokenizer.decode_indices(t) for t in tokens.split(args.decode_batch)])
+
+    def maskgit(b: int, steps: int) -> Tensor:
+        g = torch.Generator(device).manual_seed(0)
+        with torch.autocast(**autocast):
+            return generate(prior, labels(b), generator=g, steps=steps, cfg_scale=args.cfg_scale)
+
+    def autoregressive(b: int) -> Tensor:
+        g = torch.Generator(device).manual_seed(0)
+        with torch.autocast(**autocast):
+            return ar.generate(labels(b), g)
+
+    def case(method: str, b: int, sample: Callable[[], Tensor], steps: Optional[int] = None) -> dict:
+        tokens = sample()
+        total = time_fn(lambda: decode(sample()), device, warmup, repeats)
+        prior_only = time_fn(sample, device, 0, repeats)
+        dec_only = time_fn(lambda: decode(tokens), device, 0, repeats)
+        med = statistics.median(total)
+        row = {"method": method, "steps": steps, "batch": b, "median_s": med, "min_s": min(total),
+               "images_per_s": b / med, "prior_median_s": statistics.median(prior_only),
+               "decode_median_s": statistics.median(dec_only)}
+        print(f"{method:>15} T={steps or '-':>4} B={b:>4}: {row['images_per_s']:9.2f} images/s "
+              f"(prior {row['prior_median_s']:.4f} s, decode {row['decode_median_s']:.4f} s per batch)", flush=True)
+        return row
+
+    results = []
+    for steps in args.steps:
+        for b in batches:
+            results.append(case("maskgit", b, lambda: maskgit(b, steps), steps))
+    for b in ar_batches:
+        results.append(case("autoregressive", b, lambda: autoregressive(b), cfg.grid_hw[0] * cfg.grid_hw[1]))
+    ar_rate = {r["batch"]: r["images_per_s"] for r in results if r["method"] == "autoregressive"}
+    for r in results:
+        if r["method"] == "maskgit" and r["batch"] in ar_rate:
+            r["ratio_to_autoregressive"] = r["images_per_s"] / ar_rate[r["batch"]]
+
+    t8 = [r for r in results if r["method"] == "maskgit" and r["steps"] == 8]
+    best8 = max(t8, key=lambda r: r["images_per_s"]) if t8 else None
+    h, w = cfg.grid_hw
+    report = {
+        "benchmark": "MaskGIT sampling vs autoregressive with a KV cache (tools/bench_sampling.py, issue 6)",
+        "device": device_name(device),
+        "versions": versions(),
+        "settings": {"quick": args.quick, "dtype": dtype, "cfg_scale": args.cfg_scale, "warmup": warmup,
+                     "repeats": repeats, "decode_batch": args.decode_batch, "weights": "random (speed only)"},
+        "prior": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.heads, "tokens": [cfg.channels, h, w],
+                  "codebook_size": cfg.codebook_size, "num_classes": cfg.num_classes,
+                  "parameters": prior.num_params(), "autoregressive_parameters": sum(q.numel() for q in ar.parameters())},
+        "image_size": h * tokenizer.downsample_factor,
+        "results": results,
+        "summary": {
+            "best_images_per_s_T8": best8["images_per_s"] if best8 else None,
+            "best_batch_T8": best8["batch"] if best8 else None,
+            "ratio_to_autoregressive_T8": best8.get("ratio_to_autoregressive") if best8 else None,
+            "targets": {"images_per_s_T8_bf16": TARGET_IMAGES_PER_S, "ratio_to_autoregressive": TARGET_RATIO},
+        },
+        "notes": [
+            "images/s = batch / median seconds of one batch: prior sampling + MoVQ decoding to images.",
+            "Autoregressive baseline: one step per latent cell (h*w steps, C tokens per step), KV cache, "
+            "same transformer size; a token-by-token order would need C times more steps.",
+            "Both run eagerly (no torch.compile, no CUDA graphs).",
+        ] + (["--quick: tiny shapes on CPU; the numbers check the harness, not the speed."] if args.quick else []),
+        "wall_s": time.time() - t_start,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
