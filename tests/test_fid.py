@@ -309,7 +309,7 @@ def test_cli_end_to_end(data, weights, single_run, tmp_path, monkeypatch, capsys
     a, b = res["sources"]
     assert (a["kind"], a["images"], a["converted"], a["sizes"]) == ("folder", 3, {"L": 1}, {"48x40": 2, "30x30": 1})
     assert (b["kind"], b["images"]) == ("npz", 3)
-    assert res["checksum_verified"] is False
+    assert res["checksum_verified"] is False and res["inception_weights"] == str(weights)
     saved = FIDStats.load(data / "a_stats.npz")
     assert saved.mu.shape == (2048,) and saved.num_images == 3
     # The saved statistics stand in for the folder.
@@ -395,6 +395,21 @@ def test_tracker_without_weights_logs_once(tmp_path, monkeypatch, caplog):
     assert "missing.npz not found" in caplog.text
 
 
+def test_tracker_input_forms():
+    fake = torch.rand(2, 3, 5, 6) * 2 - 1
+    u8 = fid.to_uint8(fake)  # [2, 3, 5, 6]
+    assert u8.dtype == torch.uint8 and fid.to_uint8(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+    nhwc = u8.permute(0, 2, 3, 1)
+    for form in (fake, nhwc, nhwc.numpy(), torch.cat([nhwc, nhwc[..., :1]], dim=3)):  # float, uint8 (+alpha)
+        assert torch.equal(fid._as_nchw_uint8(form), u8)
+    gray = nhwc[..., :1]
+    assert torch.equal(fid._as_nchw_uint8(gray), gray.permute(0, 3, 1, 2).expand(-1, 3, -1, -1))
+    with pytest.raises(FIDError, match="NHWC"):
+        fid._as_nchw_uint8(u8)  # uint8 NCHW is ambiguous with NHWC: rejected, not guessed
+    with pytest.raises(FIDError, match="4-D"):
+        fid._as_nchw_uint8(fake[0])
+
+
 def test_tracker_with_weights(weights, tmp_path):
     ref_path = tmp_path / "ref.npz"
     tracker = FIDTracker(weights, ref_path, verify=False, device="cpu", batch_size=2)
@@ -402,10 +417,7 @@ def test_tracker_with_weights(weights, tmp_path):
     ref = tracker.ensure_reference(_rng_images(0, 2, 24, 24))  # uint8 NHWC numpy
     assert ref_path.is_file() and ref.num_images == 2
     fake = torch.rand(2, 3, 24, 24) * 2 - 1  # float NCHW in [-1, 1], as a decoder returns
-    as_batches = tracker.compute_stats([fake[:1], fake[1:]])  # an iterable of batches
-    as_uint8 = tracker.compute_stats(fid.to_uint8(fake).permute(0, 2, 3, 1))  # the same as uint8 NHWC
-    np.testing.assert_allclose(as_batches.sigma, as_uint8.sigma, rtol=1e-4, atol=1e-8)
-    value = tracker.compute(fake)
+    value = tracker.compute([fake[:1], fake[1:]])  # an iterable of batches
     assert np.isfinite(value) and value > 0
     fresh = FIDTracker(weights, ref_path, verify=False, device="cpu")  # reads the cached file
     assert np.array_equal(fresh.reference().mu, ref.mu)

@@ -189,13 +189,26 @@ def _torch_fidelity_src(tmp_path):
     return os.path.join(src, "torch_fidelity")
 
 
-def test_parity_with_torch_fidelity(standin, tmp_path, monkeypatch):
+def _torch_fidelity_fid_functions(path):
+    import ast
+
+    tree = ast.parse(open(path).read())
+    wanted = ("fid_features_to_statistics", "fid_statistics_to_metric")
+    module = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted], [])
+    namespace = {"np": np, "torch": torch, "KEY_METRIC_FID": "frechet_inception_distance",
+                 "vprint": lambda *a, **k: None}
+    exec(compile(module, path, "exec"), namespace)
+    return namespace
+
+
+def test_parity_with_torch_fidelity(standin, tmp_path):
     pkg_dir = _torch_fidelity_src(tmp_path)
     # Load only the three modules the extractor needs (they import no torchvision), under a
-    # stand-in package so torch_fidelity/__init__ is never run.
+    # stand-in package so torch_fidelity/__init__ is never run; removed again before anything
+    # else (torchmetrics probes for torch_fidelity) can see it.
     pkg = types.ModuleType("torch_fidelity")
     pkg.__path__ = [pkg_dir]
-    monkeypatch.setitem(sys.modules, "torch_fidelity", pkg)
+    sys.modules["torch_fidelity"] = pkg
     try:
         ref_mod = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
         interp = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
@@ -205,11 +218,24 @@ def test_parity_with_torch_fidelity(standin, tmp_path, monkeypatch):
             assert torch.equal(inc.resize_bilinear_tf1(x, (299, 299)), ref), hw
         reference = ref_mod.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                         feature_extractor_weights_path=str(standin))
-        ours = FIDInceptionV3.from_pretrained(standin, verify=False)
-        imgs = torch.randint(0, 256, (2, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        imgs = torch.randint(0, 256, (4, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
         expected = reference(imgs)[0]
-        got = ours(imgs)
-        assert ((got - expected).abs().max() / expected.abs().max()) < 1e-4
     finally:
-        for name in [m for m in sys.modules if m.startswith("torch_fidelity.")]:
+        for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
             del sys.modules[name]
+    got = FIDInceptionV3.from_pretrained(standin, verify=False)(imgs)
+    assert ((got - expected).abs().max() / expected.abs().max()) < 1e-4
+    # FID: torch-fidelity's own statistics and distance functions, taken from its metric_fid.py
+    # (that module as a whole imports torchvision), on its features, against this project's
+    # accumulator and torchmetrics path on ours.
+    theirs = _torch_fidelity_fid_functions(os.path.join(pkg_dir, "metric_fid.py"))
+    to_stats, to_fid = theirs["fid_features_to_statistics"], theirs["fid_statistics_to_metric"]
+    fid_ref = to_fid(to_stats(expected[:2].double()), to_stats(expected[2:].double()), False)
+    from movq.fid import FeatureAccumulator, frechet_distance
+
+    stats = []
+    for part in (got[:2], got[2:]):
+        acc = FeatureAccumulator()
+        acc.update(part)
+        stats.append(acc.stats())
+    assert frechet_distance(*stats) == pytest.approx(fid_ref["frechet_inception_distance"], rel=1e-3)

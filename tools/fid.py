@@ -35,7 +35,7 @@ from movq.fid import (  # noqa: E402
     open_source,
     to_uint8,
 )
-from movq.inception import FIDInceptionV3, InceptionWeightsError  # noqa: E402
+from movq.inception import FIDInceptionV3, InceptionWeightsError, resolve_weights_path  # noqa: E402
 
 logger = logging.getLogger("fid")
 
@@ -96,7 +96,8 @@ def run_fid(args) -> int:
         accelerator = _accelerator(args)
         is_main = accelerator.is_main_process
         extractor = _extractor(args, accelerator.device)
-        results.update(num_processes=accelerator.num_processes, checksum_verified=not args.skip_checksum)
+        results.update(num_processes=accelerator.num_processes, checksum_verified=not args.skip_checksum,
+                       inception_weights=str(resolve_weights_path(args.inception_weights)))
     stats = []
     for spec, o in zip(args.sources, opened):
         if isinstance(o, FIDStats):
@@ -215,6 +216,7 @@ def run_tokenizer(args) -> int:
         "backend": args.backend,
         "num_processes": accelerator.num_processes,
         "checksum_verified": not args.skip_checksum,
+        "inception_weights": str(resolve_weights_path(args.inception_weights)),
     }
     shown = ("rfid", "psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images")
     print(" ".join(f"{k}: {results[k]:.4f}" if isinstance(results[k], float) else f"{k}: {results[k]}"
