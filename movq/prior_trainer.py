@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from movq.config import TrainConfig, load_config, save_config, to_dict
 from movq.maskgit import MaskGIT, MaskGITConfig
 from movq.sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS, box_mask, generate
-from movq.tokens import TokenDataConfig, TokenDataError, TokenDataset, read_token_manifest, resolve_tokenizer
+from movq.tokens import TokenDataConfig, TokenDataset, read_token_manifest, resolve_tokenizer
 from movq.training import (
     EMA,
     CKPT_PATTERN,
@@ -237,7 +237,6 @@ class PriorTrainer:
         made_by = manifest.get("tokenizer")
         if cfg.data.tokenizer is None and made_by and Path(made_by).is_dir():
             cfg.data.tokenizer = made_by  # stored in the run's config for tools/sample.py
-        self.classes = list(manifest["classes"])
         self.acc = acc = accelerator or make_accelerator(t, t.run_dir)
         self.run = RunDir(t.run_dir, acc.is_main_process)
         self.run.save_config(cfg)
@@ -356,8 +355,8 @@ class PriorTrainer:
             save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)), out["samples"])
         n = min(s.inpaint_images, len(self.data))
         if n > 0:
-            real = self.data.tokens[:n].to(dev)
-            labels = self._labels({"label": self.data.labels[:n]})
+            first = self.data.take(slice(0, n))
+            real, labels = first["tokens"].to(dev), self._labels(first)
             h, w = self.cfg.model.grid_hw
             box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
             known = box_mask(h, w, box, image_size=(h, w), inside=True).to(dev)
@@ -384,10 +383,11 @@ class PriorTrainer:
         acc, model = self.acc, self._eval_model()
         n = max(1, t.fid_num_images // acc.num_processes)
         bs = self.cfg.data.batch_size
-        if self.fid.reference() is None:
-            real = (decode_tokens(self.tokenizer, self.data.tokens[i : i + bs].to(acc.device))
-                    for i in range(0, min(n, len(self.data)), bs))
-            self.fid.ensure_reference(real)
+        # The reference: decoded training tokens (the tokenizer's ceiling), made once when the file
+        # is missing; the generator is not consumed when the file exists.
+        real = (decode_tokens(self.tokenizer, self.data.take(slice(i, i + bs))["tokens"].to(acc.device))
+                for i in range(0, min(n, len(self.data)), bs))
+        self.fid.ensure_reference(real)
 
         def fakes():
             for i in range(0, n, bs):

@@ -38,16 +38,7 @@ import numpy as np
 import torch
 
 from movq.config import atomic_write_text
-from movq.data import (
-    IMAGE_EXTS,
-    SkipSample,
-    crop_square,
-    decode_image,
-    expand_shards,
-    folder_classes,
-    iter_tar,
-    list_images,
-)
+from movq.data import iter_tar
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +49,6 @@ SHARD_PREFIX = "tokens"
 TOKENS_EXT = "tokens.npy"
 LABEL_EXT = "cls"
 MAX_CODEBOOK = 2**16  # tokens are stored as uint16
-SOURCES = ("builtin", "folder", "shards")
 
 
 class TokenDataError(ValueError):
@@ -263,141 +253,6 @@ def finish_shard(directory: Union[str, os.PathLike], index: int, samples, skippe
 
 
 # --------------------------------------------------------------------------------------
-# Inputs: what gets encoded, in chunks
-# --------------------------------------------------------------------------------------
-@dataclass
-class Chunk:
-    """One output shard's worth of input: image files of a folder, or one input shard."""
-
-    index: int
-    files: Optional[list[tuple[str, int]]] = None  # folder: (relative path, label)
-    shard: Optional[str] = None  # shards / builtin: the input tar
-
-
-@dataclass
-class InputPlan:
-    source: str
-    root: str  # the folder, the shard pattern, or the builtin dataset's train folder
-    chunks: list[Chunk]
-    classes: list[str]  # [] when unlabelled
-    label_from: Optional[str] = None  # "folder", "cls", "builtin_photo"
-
-
-def detect_source(data: str) -> str:
-    """``builtin`` for the word itself, ``shards`` for a .tar path or pattern, else ``folder``."""
-    if data == "builtin":
-        return "builtin"
-    if data.endswith(".tar") or "{" in data or "::" in data:
-        return "shards"
-    p = Path(data).expanduser()
-    if p.is_dir() and any(p.glob("*.tar")) and not list_images(p)[:1]:
-        return "shards"
-    return "folder"
-
-
-def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: int = 256,
-                cache_dir: Optional[str] = None, labels: Optional[bool] = None,
-                builtin_size: Optional[int] = None) -> InputPlan:
-    """List the inputs of ``data`` in deterministic chunks.
-
-    ``labels``: None = use them when the data has them (class sub-folders, a manifest's classes,
-    or for ``builtin`` the photograph each crop was cut from); False = never; True = required.
-    ``builtin_size``: crops in the builtin training split (default: ``DataConfig``'s).
-    """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if source == "folder":
-        root = Path(data).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
-        files = list_images(root)
-        if not files:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTS)}) under {root}")
-        classes = folder_classes(root) if labels is not False else None
-        if labels and not classes:
-            raise ValueError(f"labels requested but {root} has no class sub-folders")
-        index = {c: i for i, c in enumerate(classes or [])}
-        items = []
-        for f in files:
-            top = f.split("/", 1)[0]
-            if classes and ("/" not in f or top not in index):
-                raise ValueError(f"{root / f}: not in a class sub-folder of {classes[:5]}...")
-            items.append((f, index[top] if classes else -1))
-        chunks = [Chunk(j, files=items[s : s + shard_size]) for j, s in enumerate(range(0, len(items), shard_size))]
-        return InputPlan(source, str(root), chunks, list(classes or []), "folder" if classes else None)
-    if source == "builtin":
-        from movq.config import DataConfig
-        from movq.data import BUILTIN_TRAIN_PHOTOS, builtin_dataset
-
-        dc = DataConfig(source="builtin", image_size=image_size, cache_dir=cache_dir)
-        if builtin_size is not None:
-            dc.builtin_train_size = builtin_size
-        root = builtin_dataset(dc) / "train"
-        shards = sorted(str(p) for p in root.glob("*.tar"))
-        use = labels is not False
-        classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
-        return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
-                         "builtin_photo" if use else None)
-    from movq.data import read_manifest
-
-    folder = Path(data).expanduser()
-    shards = sorted(str(p) for p in folder.glob("*.tar")) if folder.is_dir() else expand_shards(data)
-    if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}")
-
-    manifest = read_manifest(Path(shards[0]).parent)
-    classes = list((manifest or {}).get("classes") or []) if labels is not False else []
-    if labels and not classes:
-        raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes")
-    return InputPlan(source, data, [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
-                     "cls" if classes else None)
-
-
-def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[bytes], int, Optional[str]]]:
-    """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order."""
-    if chunk.files is not None:
-        for rel, label in chunk.files:
-            key = sanitize_key(rel.rpartition(".")[0] or rel)
-            try:
-                yield key, (Path(plan.root) / rel).read_bytes(), label, None
-            except OSError:
-                yield key, None, label, "io_error"
-        return
-    try:
-        for key, members in iter_tar(chunk.shard):
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            label, skip = -1, None if ext else "not_image"
-            if plan.label_from == "cls":
-                try:
-                    label = int(members["cls"].decode().strip())
-                    if not 0 <= label < len(plan.classes):
-                        skip = "bad_label"
-                except (KeyError, ValueError, UnicodeDecodeError):
-                    skip = "bad_label"
-            elif plan.label_from == "builtin_photo":
-                try:
-                    label = plan.classes.index(json.loads(members["json"])["photo"])
-                except (KeyError, ValueError, TypeError):
-                    skip = "bad_label"
-            yield sanitize_key(key), members.get(ext) if ext else None, label, skip
-    except (tarfile.TarError, OSError, EOFError) as e:
-        logger.warning("input shard %s breaks off (%s); using the samples before it", chunk.shard, e)
-        yield f"{chunk.index:06d}_tail", None, -1, "truncated_shard"
-
-
-def load_image(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
-    """Decode, centre-crop the largest square and resize to ``size``: ``uint8 [S, S, 3]``.
-
-    Raises :class:`movq.data.SkipSample` for unusable bytes; returns the conversions applied.
-    """
-    img, conversion = decode_image(data, min_size=size)
-    img, upscaled = crop_square(img, size)
-    return np.asarray(img, dtype=np.uint8), [c for c in (conversion, "upscaled" if upscaled else None) if c]
-
-
-# --------------------------------------------------------------------------------------
 # Reading for training
 # --------------------------------------------------------------------------------------
 class TokenDataset:
@@ -434,11 +289,22 @@ class TokenDataset:
             raise TokenDataError(f"{directory}: rank {rank} of {world_size} got no token samples ({m['count']} in all)")
         if self.classes and ((lab < 0) | (lab >= len(self.classes))).any():
             raise TokenDataError(f"{directory}: labels outside [0, {len(self.classes)}) or missing in a labelled folder")
-        self.tokens = torch.from_numpy(tok.astype(np.int64))  # [N, C, h, w]
+        self.array = np.ascontiguousarray(tok)  # uint16 [N, C, h, w]: a quarter of int64's memory
         self.labels = torch.from_numpy(lab)  # [N], -1 = unlabelled
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.array)
+
+    def take(self, index) -> dict:
+        """``{"tokens": int64 [B, C, h, w], "label": int64 [B]}`` for an index array or slice."""
+        index = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        return {"tokens": torch.from_numpy(self.array[index].astype(np.int64)),
+                "label": self.labels[torch.from_numpy(index)]}
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """All of this rank's tokens as ``int64 [N, C, h, w]`` (a new copy on every access)."""
+        return torch.from_numpy(self.array.astype(np.int64))
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[dict]:
         """Endless ``{"tokens": int64 [B, C, h, w], "label": int64 [B]}`` from batch ``start_step``.
@@ -449,7 +315,7 @@ class TokenDataset:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(self.tokens)
+        n = len(self)
         epoch, offset = divmod(start_step * batch_size, n)
 
         def indices() -> Iterator[np.ndarray]:
@@ -463,9 +329,8 @@ class TokenDataset:
         for part in indices():
             pending = np.concatenate([pending, part])
             while len(pending) >= batch_size:
-                idx = torch.from_numpy(pending[:batch_size])
-                pending = pending[batch_size:]
-                yield {"tokens": self.tokens[idx], "label": self.labels[idx]}
+                batch, pending = pending[:batch_size], pending[batch_size:]
+                yield self.take(batch)
 
 
 def resolve_tokenizer(path: Union[str, os.PathLike]) -> Path:
@@ -500,8 +365,7 @@ def file_digest(path: Union[str, os.PathLike]) -> str:
 
 
 __all__ = [
-    "TokenDataConfig", "TokenDataset", "TokenDataError", "InputPlan", "Chunk", "plan_inputs", "iter_chunk",
-    "load_image", "detect_source", "write_token_shard", "read_token_shard", "read_token_manifest",
-    "write_token_manifest", "prepare_output", "shard_done", "finish_shard", "shard_name", "resolve_tokenizer",
-    "encode_tokens", "decode_tokens", "sanitize_key", "file_digest", "MAX_CODEBOOK", "SOURCES",
+    "TokenDataConfig", "TokenDataset", "TokenDataError", "write_token_shard", "read_token_shard",
+    "read_token_manifest", "write_token_manifest", "prepare_output", "shard_done", "finish_shard", "shard_name",
+    "resolve_tokenizer", "encode_tokens", "decode_tokens", "sanitize_key", "file_digest", "MAX_CODEBOOK",
 ]

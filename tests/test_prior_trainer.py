@@ -163,6 +163,7 @@ root, tok, img, out = map(Path, sys.argv[1:5])
 def tool(name):
     spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 assert tool("tokenize_dataset").main(["--tokenizer", str(tok), str(img), str(out / "tokens"), "--shard-size", "3", "--cpu"]) == 0

@@ -2,6 +2,7 @@
 rank split, editing that keeps the known tokens, and clear failures on bad input."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from test_tokens import tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sample_tool", ROOT / "tools" / "sample.py")
 sample_tool = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = sample_tool  # dataclasses look their module up there
 _spec.loader.exec_module(sample_tool)
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from movq.data import BUILTIN_TRAIN_PHOTOS
 from movq.tokens import (
     TokenDataError,
     TokenDataset,
-    load_image,
     read_token_manifest,
     read_token_shard,
     resolve_tokenizer,
@@ -28,6 +28,7 @@ from movq.tokens import (
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("tokenize_dataset", ROOT / "tools" / "tokenize_dataset.py")
 tokenize_dataset = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = tokenize_dataset  # dataclasses look their module up there
 _spec.loader.exec_module(tokenize_dataset)
 
 
@@ -89,7 +90,7 @@ def test_tokenize_folder_round_trip(tmp_path, tok, folder):
     for key, t, lab in zip(keys, tokens, labels):
         cls, name = key.split("/")
         assert lab == ["cat", "dog"].index(cls)
-        arr, _ = load_image((folder / cls / f"{name.replace('_', '.')}.png").read_bytes(), 16)
+        arr, _ = tokenize_dataset.load_image((folder / cls / f"{name.replace('_', '.')}.png").read_bytes(), 16)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             assert np.array_equal(model.encode(x).indices[0].numpy(), t)

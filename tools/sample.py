@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from movq.prior_trainer import decode_tokens, load_decoder, load_prior, rows_of, shade_cells
+    from movq.prior_trainer import decode_tokens, grid_columns, load_decoder, load_prior, rows_of, shade_cells
     from movq.sampling import generate
     from movq.visualize import save_grid, to_uint8
 
@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     os.replace(tmp, out / "samples.npz")
     if args.grid:
         grid = torch.from_numpy(arrays[:GRID_MAX]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        save_grid(rows_of(grid, 8), out / "grid.png")
+        columns = grid_columns(nc if args.class_label is None else 0)  # one class per column
+        save_grid(rows_of(grid, columns), out / "grid.png")
     if args.steps_strip:
         index = np.arange(min(STRIP_ROWS, n))
         _, hist = sample(index, history=True)

@@ -19,39 +19,186 @@ is written once all are done. Unreadable images are skipped and counted per reas
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
+import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from movq.data import SkipSample  # noqa: E402
+from movq.data import (  # noqa: E402
+    IMAGE_EXTS,
+    SkipSample,
+    crop_square,
+    decode_image,
+    expand_shards,
+    folder_classes,
+    iter_tar,
+    list_images,
+)
 from movq.tokens import (  # noqa: E402
     MAX_CODEBOOK,
-    SOURCES,
     TOKENS_FORMAT,
     TokenDataError,
-    detect_source,
     file_digest,
     finish_shard,
-    iter_chunk,
-    load_image,
-    plan_inputs,
     prepare_output,
     resolve_tokenizer,
+    sanitize_key,
     shard_done,
     write_token_manifest,
 )
 
 log = logging.getLogger("tokenize_dataset")
+
+SOURCES = ("builtin", "folder", "shards")
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: what gets encoded, in chunks
+# --------------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    """One output shard's worth of input: image files of a folder, or one input shard."""
+
+    index: int
+    files: Optional[list[tuple[str, int]]] = None  # folder: (relative path, label)
+    shard: Optional[str] = None  # shards / builtin: the input tar
+
+
+@dataclass
+class InputPlan:
+    source: str
+    root: str  # the folder, the shard pattern, or the builtin dataset's train folder
+    chunks: list[Chunk]
+    classes: list[str]  # [] when unlabelled
+    label_from: Optional[str] = None  # "folder", "cls", "builtin_photo"
+
+
+def detect_source(data: str) -> str:
+    """``builtin`` for the word itself, ``shards`` for a .tar path or pattern, else ``folder``."""
+    if data == "builtin":
+        return "builtin"
+    if data.endswith(".tar") or "{" in data or "::" in data:
+        return "shards"
+    p = Path(data).expanduser()
+    if p.is_dir() and any(p.glob("*.tar")) and not list_images(p)[:1]:
+        return "shards"
+    return "folder"
+
+
+def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: int = 256,
+                cache_dir: Optional[str] = None, labels: Optional[bool] = None,
+                builtin_size: Optional[int] = None) -> InputPlan:
+    """List the inputs of ``data`` in deterministic chunks.
+
+    ``labels``: None = use them when the data has them (class sub-folders, a manifest's classes,
+    or for ``builtin`` the photograph each crop was cut from); False = never; True = required.
+    ``builtin_size``: crops in the builtin training split (default: ``DataConfig``'s).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if source == "folder":
+        root = Path(data).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        files = list_images(root)
+        if not files:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTS)}) under {root}")
+        classes = folder_classes(root) if labels is not False else None
+        if labels and not classes:
+            raise ValueError(f"labels requested but {root} has no class sub-folders")
+        index = {c: i for i, c in enumerate(classes or [])}
+        items = []
+        for f in files:
+            top = f.split("/", 1)[0]
+            if classes and ("/" not in f or top not in index):
+                raise ValueError(f"{root / f}: not in a class sub-folder of {classes[:5]}...")
+            items.append((f, index[top] if classes else -1))
+        chunks = [Chunk(j, files=items[s : s + shard_size]) for j, s in enumerate(range(0, len(items), shard_size))]
+        return InputPlan(source, str(root), chunks, list(classes or []), "folder" if classes else None)
+    if source == "builtin":
+        from movq.config import DataConfig
+        from movq.data import BUILTIN_TRAIN_PHOTOS, builtin_dataset
+
+        dc = DataConfig(source="builtin", image_size=image_size, cache_dir=cache_dir)
+        if builtin_size is not None:
+            dc.builtin_train_size = builtin_size
+        root = builtin_dataset(dc) / "train"
+        shards = sorted(str(p) for p in root.glob("*.tar"))
+        use = labels is not False
+        classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
+        return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
+                         "builtin_photo" if use else None)
+    from movq.data import read_manifest
+
+    folder = Path(data).expanduser()
+    shards = sorted(str(p) for p in folder.glob("*.tar")) if folder.is_dir() else expand_shards(data)
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards in {folder}")
+
+    manifest = read_manifest(Path(shards[0]).parent)
+    classes = list((manifest or {}).get("classes") or []) if labels is not False else []
+    if labels and not classes:
+        raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes")
+    return InputPlan(source, data, [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
+                     "cls" if classes else None)
+
+
+def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[bytes], int, Optional[str]]]:
+    """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order."""
+    if chunk.files is not None:
+        for rel, label in chunk.files:
+            key = sanitize_key(rel.rpartition(".")[0] or rel)
+            try:
+                yield key, (Path(plan.root) / rel).read_bytes(), label, None
+            except OSError:
+                yield key, None, label, "io_error"
+        return
+    try:
+        for key, members in iter_tar(chunk.shard):
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            label, skip = -1, None if ext else "not_image"
+            if plan.label_from == "cls":
+                try:
+                    label = int(members["cls"].decode().strip())
+                    if not 0 <= label < len(plan.classes):
+                        skip = "bad_label"
+                except (KeyError, ValueError, UnicodeDecodeError):
+                    skip = "bad_label"
+            elif plan.label_from == "builtin_photo":
+                try:
+                    label = plan.classes.index(json.loads(members["json"])["photo"])
+                except (KeyError, ValueError, TypeError):
+                    skip = "bad_label"
+            yield sanitize_key(key), members.get(ext) if ext else None, label, skip
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("input shard %s breaks off (%s); using the samples before it", chunk.shard, e)
+        yield f"{chunk.index:06d}_tail", None, -1, "truncated_shard"
+
+
+def load_image(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
+    """Decode, centre-crop the largest square and resize to ``size``: ``uint8 [S, S, 3]``.
+
+    Raises :class:`movq.data.SkipSample` for unusable bytes; returns the conversions applied.
+    """
+    img, conversion = decode_image(data, min_size=size)
+    img, upscaled = crop_square(img, size)
+    return np.asarray(img, dtype=np.uint8), [c for c in (conversion, "upscaled" if upscaled else None) if c]
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         trainer.acc.print(f"error: {e}")
         return 3
+    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if trainer.acc.is_main_process:
         ev, m = summary["eval"], trainer.cfg.model
         kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
