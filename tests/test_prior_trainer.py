@@ -110,6 +110,27 @@ def test_loss_falls_and_token_maps_without_tokenizer(tmp_path, data):
     assert (tmp_path / "a" / "images" / "samples_0000030.png").is_file()  # token maps instead
 
 
+def test_fid_with_standin_inception_weights(tmp_path, data, monkeypatch):
+    from movq import fid
+    from movq.inception import standin_state_dict
+
+    weights = tmp_path / "standin-inception.pth"
+    torch.save(standin_state_dict(seed=0), weights)
+    original = fid.FIDTracker.__init__
+    monkeypatch.setattr(fid.FIDTracker, "__init__", lambda self, *a, **kw: original(self, *a, **{**kw, "verify": False}))
+    cfg = tiny_cfg(tmp_path / "a", data["tokens"], max_steps=2, grad_accum=1, eval_every=2, fid_every=2,
+                   fid_num_images=2, inception_weights=str(weights))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Inception at 299² dominates; one thread is as fast here and never oversubscribed
+    try:
+        _, summary = fit(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.isfinite(summary["eval"]["fid"]) and summary["eval"]["fid"] >= 0
+    assert (tmp_path / "a" / "fid_reference.npz").is_file()  # made from decoded training tokens
+    assert train_records(tmp_path / "a") and "fid" in json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_nan_loss_is_skipped_then_aborts(tmp_path, data, monkeypatch):
     original = MaskGIT.training_loss
     calls = {"n": 0, "poison": {5, 6}}
