@@ -257,7 +257,7 @@ class PriorTrainer:
         self.guard = StepGuard(t.max_bad_steps)
         self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints)
         self.step = 0
-        self.tokens_seen = 0
+        self.samples_seen = 0
         self.tokenizer = load_decoder(cfg.data.tokenizer, cfg.model, acc.device) if cfg.data.tokenizer else None
         self.fid = None
         if t.fid_every > 0:
@@ -278,7 +278,7 @@ class PriorTrainer:
         save_prior(self.prior, self.cfg, folder / "model")
         if self.ema is not None:
             save_prior(self.ema.model, self.cfg, folder / "ema")
-        write_trainer_state(folder, {"step": self.step, "guard": self.guard.state_dict(), "tokens_seen": self.tokens_seen})
+        write_trainer_state(folder, {"step": self.step, "guard": self.guard.state_dict(), "samples_seen": self.samples_seen})
 
     def save(self) -> Path:
         path = self.checkpointer.save(self.step, self._write_extra)
@@ -294,7 +294,7 @@ class PriorTrainer:
             load_state_dict(self.ema.model, path / "ema" / WEIGHTS_NAME)
         self.step = int(state["step"])
         self.guard.load_state_dict(state["guard"])
-        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
         self.acc.print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ one optimizer step
@@ -332,9 +332,10 @@ class PriorTrainer:
     def _sample(self, model: MaskGIT, labels: Optional[Tensor], n: int, seed: int, **kw) -> Tensor:
         s = self.cfg.sample
         g = torch.Generator(self.acc.device).manual_seed(seed)
-        return generate(model, labels, num_samples=n, generator=g, steps=s.steps, temperature=s.temperature,
-                        choice_temperature=s.choice_temperature, cfg_scale=s.cfg_scale if labels is not None else 1.0,
-                        cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule, **kw)
+        with self.acc.autocast():  # the training precision (bf16 on GPU runs)
+            return generate(model, labels, num_samples=n, generator=g, steps=s.steps, temperature=s.temperature,
+                            choice_temperature=s.choice_temperature, cfg_scale=s.cfg_scale if labels is not None else 1.0,
+                            cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule, **kw)
 
     def _pictures(self, tokens: Tensor) -> Tensor:
         if self.tokenizer is not None:
@@ -455,7 +456,7 @@ class PriorTrainer:
                     batch = next(batches)
                     logs = self._micro_step(batch)
                     samples_since_log += batch["tokens"].shape[0]
-                    self.tokens_seen += batch["tokens"].shape[0] * acc.num_processes
+                    self.samples_seen += batch["tokens"].shape[0] * acc.num_processes
                 if self._optimizer_step(logs):
                     history.append({k: float(v) for k, v in logs.items()})
                 self.step += 1

@@ -211,20 +211,26 @@ def write_token_manifest(directory: Union[str, os.PathLike], num_chunks: int) ->
     return manifest
 
 
-def prepare_output(directory: Union[str, os.PathLike], spec: dict) -> None:
-    """Create the folder and its ``spec.json``; refuse a folder made with different settings."""
-    parts = Path(directory) / PARTS_DIR
+def prepare_output(directory: Union[str, os.PathLike], spec: dict, overwrite: bool = False) -> None:
+    """Create the folder and its ``spec.json``. A folder made with other settings is refused, or
+    with ``overwrite`` emptied of its tokens first; one made with the same settings is resumed."""
+    directory = Path(directory)
+    parts = directory / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     path = parts / "spec.json"
     if path.is_file():
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-        if diff:
+        if not diff:
+            return
+        if not overwrite:
             raise TokenDataError(
                 f"{directory} holds tokens made with other settings ({', '.join(diff)} differ, e.g. "
-                f"{diff[0]}: {old.get(diff[0])!r} vs now {spec.get(diff[0])!r}); use a new folder or delete it"
+                f"{diff[0]}: {old.get(diff[0])!r} vs now {spec.get(diff[0])!r}); use a new folder or --overwrite"
             )
-        return
+        logger.info("%s: replacing tokens made with other settings (%s)", directory, ", ".join(diff))
+        for stale in [directory / MANIFEST_NAME, *directory.glob(f"{SHARD_PREFIX}-*.tar"), *parts.iterdir()]:
+            stale.unlink(missing_ok=True)
     atomic_write_text(path, json.dumps(spec, indent=1))
 
 

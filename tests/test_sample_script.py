@@ -66,6 +66,10 @@ def test_writes_n_images_and_npz_resumably(tmp_path, ckpt):
     assert (out / "000003.png").read_bytes() == before
     assert (out / "000000.png").stat().st_mtime_ns == stamp
     assert json.loads((out / "sampling.json").read_text())["generated_now"] == 1
+    # other settings are not mixed into the same folder
+    assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--seed", 3) == 2
+    assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--seed", 3, "--overwrite") == 0
+    assert json.loads((out / "sampling.json").read_text())["generated_now"] == 5
 
     # one class for all, and a different seed gives different samples
     assert run("--checkpoint", ckpt, "--num-samples", 2, "--out", tmp_path / "c", "--class-label", 2,

@@ -119,6 +119,9 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(tmp_path, tok, f
     assert run_tool("--tokenizer", tok, folder, out, "--shard-size", "3") == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "shard_size" in err
+    assert run_tool("--tokenizer", tok, folder, out, "--shard-size", "3", "--overwrite") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"tokens-{j:06d}.tar" for j in range(3)]  # 7 files / 3
+    assert read_token_manifest(out)["count"] == 6
 
 
 def test_builtin_pseudo_labels(tmp_path, tok):

@@ -9,6 +9,8 @@
 
 CKPT is a run folder (newest checkpoint), a checkpoint folder (its ema/, else model/) or a model
 folder. The tokenizer defaults to the one the prior's tokens came from (its config's data.tokenizer).
+OUT/.sample_spec.json records the weights and settings: a rerun resumes only the same sampling
+(anything else is refused unless --overwrite).
 
 Writes ``OUT/NNNNNN.png`` (unique global indices) and ``OUT/samples.npz`` (uint8 [N, H, W, 3] under
 ``arr_0``, for tools/fid.py). Work is split as DiT's sample_ddp.py does: N is padded up to a
@@ -44,6 +46,7 @@ log = logging.getLogger("sample")
 
 GRID_MAX = 64  # images in --grid
 STRIP_ROWS = 4  # samples in --steps-strip
+SPEC_NAME = ".sample_spec.json"
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--edit", metavar="IMAGE", help="inpaint (or outpaint) this image")
     p.add_argument("--box", type=parse_box, help="x0,y0,x1,y1 in pixels of IMAGE (with --edit)")
     p.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples in OUT made with other settings or another checkpoint (else refused)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--cpu", action="store_true", help="force CPU (needed for a multi-process CPU run)")
     args = p.parse_args(argv)
@@ -155,6 +160,26 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     return x, tokens, known, box
 
 
+def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
+    """Resume only samples made the same way: OUT/.sample_spec.json records how; returns an error."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(spec))  # tuples → lists, as read back
+    path = out / SPEC_NAME
+    old = json.loads(path.read_text()) if path.is_file() else None
+    existing = list(out.glob("[0-9]*.png"))
+    if old != spec and (existing or old is not None):
+        if not overwrite:
+            what = ", ".join(sorted(k for k in set(old or {}) | set(spec) if (old or {}).get(k) != spec.get(k)))
+            return (f"{out} holds samples made with other settings ({what} differ); "
+                    "pass --overwrite to replace them, or use a new folder")
+        for stale in existing + [out / "samples.npz", *out.glob("tokens/*.npy")]:
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f"{SPEC_NAME}.tmp")
+    tmp.write_text(json.dumps(spec, indent=1))
+    os.replace(tmp, path)
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
@@ -162,7 +187,10 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from movq.prior_trainer import decode_tokens, grid_columns, load_decoder, load_prior, rows_of, shade_cells
+    from movq.prior_trainer import (
+        WEIGHTS_NAME, decode_tokens, grid_columns, load_decoder, load_prior, resolve_prior, rows_of, shade_cells,
+    )
+    from movq.tokens import file_digest, resolve_tokenizer
     from movq.sampling import generate
     from movq.visualize import save_grid, to_uint8
 
@@ -190,11 +218,19 @@ def main(argv=None) -> int:
     scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
     guidance = dict(cfg_scale=scale if nc > 0 else 1.0, cfg_schedule=args.cfg_schedule or s.cfg_schedule)
     out = Path(args.out)
+    error = None
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        spec = {"prior_sha256": file_digest(resolve_prior(args.checkpoint, args.model) / WEIGHTS_NAME),
+                "tokenizer_sha256": file_digest(resolve_tokenizer(tok_path) / WEIGHTS_NAME), "seed": args.seed,
+                "batch_size": args.batch_size, "class_label": args.class_label, "bf16": args.bf16, **opts, **guidance,
+                "edit_sha256": file_digest(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
+        error = _prepare_out(out, spec, args.overwrite)
         if args.save_tokens:
             (out / "tokens").mkdir(exist_ok=True)
-    acc.wait_for_everyone()
+    errors = [e for e in (gather_object([error]) if world > 1 else [error]) if e]
+    if errors:
+        print(f"error: {errors[0]}", file=sys.stderr)
+        return 2
 
     def sample(index: np.ndarray, history: bool = False):
         labels = _labels(args, nc, index, dev)

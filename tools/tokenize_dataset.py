@@ -13,8 +13,9 @@ crops, labelled by the photograph each crop was cut from (14 classes).
 
 Images are centre-cropped to the largest square and resized to S (default: the tokenizer's
 resolution), as for validation. Each output shard (OUT/tokens-NNNNNN.tar, see movq/tokens.py) is
-written atomically by rank ``N % world_size``; a rerun skips the finished ones, and OUT/manifest.json
-is written once all are done. Unreadable images are skipped and counted per reason.
+written atomically by rank ``N % world_size``; a rerun with the same settings skips the finished
+ones (other settings, e.g. a retrained tokenizer, are refused unless --overwrite), and
+OUT/manifest.json is written once all are done. Unreadable images are skipped and counted per reason.
 """
 from __future__ import annotations
 
@@ -210,6 +211,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="crop size (default: the tokenizer's model.resolution)")
     p.add_argument("--source", choices=SOURCES, help="how to read DATA (default: guessed)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per output shard (folders)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the tokens in OUT if they were made with other settings (else refused)")
     p.add_argument("--no-labels", action="store_true", help="ignore class labels (unconditional prior)")
     p.add_argument("--cache-dir", help="builtin dataset cache (default $MOVQ_CACHE_DIR or ~/.cache/movq)")
     p.add_argument("--builtin-size", type=int, help="crops in the builtin training split (default 2048)")
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
             "source": source, "data": plan.root, "shard_size": args.shard_size, "num_shards": len(plan.chunks),
         }
         try:
-            prepare_output(args.out, spec)
+            prepare_output(args.out, spec, overwrite=args.overwrite)
         except (OSError, TokenDataError) as e:
             error = _message(e)
     errors = [e for e in (gather_object([error]) if world > 1 else [error]) if e]
