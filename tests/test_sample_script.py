@@ -54,7 +54,9 @@ def test_writes_n_images_and_npz_resumably(tmp_path, ckpt):
         arr = f["arr_0"]
     assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
     assert (out / "grid.png").is_file()
-    assert Image.open(out / "steps.png").size == (4 * 10 + 2, 4 * 10 + 2)  # 4 samples × 4 steps
+    strip = np.asarray(Image.open(out / "steps.png"))
+    assert strip.shape == (2 * 10 + 2, 4 * 10 + 2, 3)  # the first batch (2 samples) × 4 steps
+    assert np.array_equal(strip[12:20, 32:40], arr[1])  # the last step is the written sample
     info = json.loads((out / "sampling.json").read_text())
     assert info["generated_now"] == 5 and info["steps"] == 4 and info["cfg_scale"] == 1.5
 

@@ -280,7 +280,11 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: {len(missing)} sample(s) missing in {out}, e.g. {missing[:3]}", file=sys.stderr)
         return 1
-    arrays = np.stack([np.asarray(Image.open(out / f"{i:06d}.png").convert("RGB")) for i in range(n)])
+    def read(i: int) -> np.ndarray:
+        with Image.open(out / f"{i:06d}.png") as im:
+            return np.asarray(im.convert("RGB"))
+
+    arrays = np.stack([read(i) for i in range(n)])
     tmp = out / ".samples.npz.tmp.npz"
     np.savez(tmp, arr_0=arrays)
     os.replace(tmp, out / "samples.npz")
@@ -289,13 +293,14 @@ def main(argv=None) -> int:
         columns = grid_columns(nc if args.class_label is None else 0)  # one class per column
         save_grid(rows_of(grid, columns), out / "grid.png")
     if args.steps_strip:
-        index = np.arange(min(STRIP_ROWS, n))
-        _, hist = sample(index, history=True)
-        t = hist.predictions.shape[1]
-        frames = [to_images(hist.predictions[:, k]).cpu() for k in range(t)]
-        shaded = [shade_cells(fr, (hist.states[:, k] != model.mask_id).all(1).cpu()) for k, fr in enumerate(frames)]
+        # The first batch again, with its history: the strip's rows end in 000000.png, 000001.png, ...
+        _, hist = sample(batch_indices(0, 0, b, world), history=True)
+        rows = min(STRIP_ROWS, n, b)
+        pred, states = hist.predictions[:rows], hist.states[:rows]  # [rows, T, C, h, w]
+        frames = [to_images(pred[:, k]).cpu() for k in range(pred.shape[1])]
+        shaded = [shade_cells(fr, (states[:, k] != model.mask_id).all(1).cpu()) for k, fr in enumerate(frames)]
         # rows: samples; columns: step k's prediction with the cells still masked after it greyed out
-        save_grid([torch.stack([shaded[k][r] for k in range(t)]) for r in range(len(index))], out / "steps.png")
+        save_grid([torch.stack([sh[r] for sh in shaded]) for r in range(rows)], out / "steps.png")
     if edit is not None:
         x, tokens, known, _ = edit
         source = x.cpu().float().clamp(-1, 1)
