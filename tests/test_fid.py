@@ -44,6 +44,18 @@ def _rng_images(seed, n, h, w, c=3):
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """The CLI builds an Accelerator in-process; leave no singleton state to other tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "standin-inception.pth"
