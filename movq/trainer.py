@@ -90,6 +90,13 @@ class TokenizerTrainer:
 
         self.guard = StepGuard(t.max_bad_steps)
         self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints)
+        self.fid = None
+        if t.fid_every > 0:
+            from movq.fid import FIDTracker
+
+            # rFID against the held-out originals; their statistics are cached in the run folder.
+            ref = t.fid_reference or str(self.run.root / "fid_reference.npz")
+            self.fid = FIDTracker(t.inception_weights, ref, device=acc.device)
         self.step = 0
         self.skipped: dict[str, int] = {}
         self.images_seen = 0
@@ -216,6 +223,38 @@ class TokenizerTrainer:
         model.train(was_training)
         return {f"val/{k}": v for k, v in results.items() if v is not None}
 
+    @torch.no_grad()
+    def compute_fid(self) -> Optional[float]:
+        """rFID of the EMA (or live) model on the first ``train.fid_num_images`` held-out images
+        (split over ranks), or None when the Inception weights are absent (logged once)."""
+        if self.fid is None or self.fid.extractor() is None:
+            return None
+        acc = self.acc
+        model = self.ema.model if self.ema is not None else acc.unwrap_model(self.model)
+        limit = max(1, self.cfg.train.fid_num_images // acc.num_processes)
+
+        def originals():
+            seen = 0
+            for batch in build_dataloader(self.cfg.data, "val", rank=acc.process_index, world_size=acc.num_processes):
+                x = batch["image"][: limit - seen].to(acc.device)
+                seen += x.shape[0]
+                yield x
+                if seen >= limit:
+                    break
+
+        def reconstructions():
+            for x in originals():
+                with acc.autocast():
+                    x_rec = model(x)[0]
+                yield x_rec.float().clamp(-1, 1)
+
+        was_training = model.training
+        model.eval()
+        self.fid.ensure_reference(originals())  # computed once, then read from the cache file
+        value = self.fid.compute(reconstructions())
+        model.train(was_training)
+        return value
+
     # ------------------------------------------------------------------ the loop
     def _log(self, history: list[dict], t0: float, images: int) -> dict:
         acc = self.acc
@@ -285,6 +324,12 @@ class TokenizerTrainer:
                     last_eval = self.evaluate()
                     self.run.log_metrics(self.step, "eval", last_eval)
                     acc.log(last_eval, step=self.step)
+                if t.fid_every > 0 and self.step % t.fid_every == 0:
+                    fid = self.compute_fid()
+                    if fid is not None:
+                        last_eval["val/rfid"] = fid
+                        self.run.log_metrics(self.step, "fid", {"val/rfid": fid})
+                        acc.log({"val/rfid": fid}, step=self.step)
                 if self.step % t.save_every == 0 or self.step == t.max_steps:
                     self.save()
                 if stop.should_stop(acc.device):

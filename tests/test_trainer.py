@@ -217,3 +217,27 @@ def test_two_process_cpu_run(tmp_path, cache):
     assert r0["world"] == r1["world"] == 2
     assert r0["params"] == r1["params"] and r0["sum"] == r1["sum"]  # ranks stayed in sync
     assert r0["keys"] and not set(r0["keys"]) & set(r1["keys"])  # and read different samples
+
+
+def test_rfid_with_standin_inception_weights(tmp_path, cache, monkeypatch):
+    from movq import fid
+    from movq.inception import standin_state_dict
+
+    weights = tmp_path / "standin-inception.pth"
+    torch.save(standin_state_dict(seed=0), weights)
+    original = fid.FIDTracker.__init__  # stand-in weights have no official checksum
+    monkeypatch.setattr(fid.FIDTracker, "__init__", lambda self, *a, **kw: original(self, *a, **{**kw, "verify": False}))
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=2, grad_accum=1, fid_every=2, fid_num_images=4,
+                   inception_weights=str(weights), save_every=100)
+    _, summary = fit(cfg)
+    assert np.isfinite(summary["eval"]["val/rfid"]) and summary["eval"]["val/rfid"] >= 0
+    assert (tmp_path / "run" / "fid_reference.npz").is_file()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "fid"] == [2]
+
+
+def test_rfid_without_weights_goes_on(tmp_path, cache):
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=2, grad_accum=1, fid_every=1,
+                   inception_weights=str(tmp_path / "missing.pth"), save_every=100)
+    _, summary = fit(cfg)
+    assert summary["steps"] == 2 and "val/rfid" not in summary["eval"]
