@@ -192,7 +192,8 @@ def token_map_images(tokens: Tensor, codebook_size: int, cell: int = 4) -> Tenso
 
 
 def shade_cells(images: Tensor, keep: Tensor) -> Tensor:
-    """Grey out the cells where ``keep bool [B or 1, h, w]`` is False (masked), for pictures."""
+    """Grey out masked cells, for pictures: ``keep [B or 1, h, w]`` is a bool (False = masked) or the
+    fraction of a cell's channels that are known (a partly known cell is partly grey)."""
     H, W = images.shape[-2:]
     m = torch.nn.functional.interpolate(keep.float()[:, None], size=(H, W), mode="nearest").to(images.device)
     return images * m  # 0 is mid-grey in [-1, 1]

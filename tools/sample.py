@@ -22,7 +22,8 @@ and reproduces the rest. Class labels: ``--classes all`` cycles index mod num_cl
 Editing (``--edit IMAGE --box x0,y0,x1,y1``, box in pixels of IMAGE): the image is centre-cropped to a
 square and resized to the prior's resolution, encoded, the tokens of the cells touching the box
 are masked (``--outpaint``: every cell not inside the box), and the prior fills them in
-``--num-samples`` variations; ``OUT/edit.png`` shows the original, the masked input and the results.
+``--num-samples`` variations; ``OUT/edit.png`` shows the image, its reconstruction by the tokenizer,
+the masked reconstruction, and below them the results.
 """
 from __future__ import annotations
 
@@ -298,14 +299,17 @@ def main(argv=None) -> int:
         rows = min(STRIP_ROWS, n, b)
         pred, states = hist.predictions[:rows], hist.states[:rows]  # [rows, T, C, h, w]
         frames = [to_images(pred[:, k]).cpu() for k in range(pred.shape[1])]
-        shaded = [shade_cells(fr, (states[:, k] != model.mask_id).all(1).cpu()) for k, fr in enumerate(frames)]
-        # rows: samples; columns: step k's prediction with the cells still masked after it greyed out
+        known = [(states[:, k] != model.mask_id).float().mean(1).cpu() for k in range(len(frames))]
+        shaded = [shade_cells(fr, kn) for fr, kn in zip(frames, known)]
+        # rows: samples; columns: step k's prediction, greyed by the share of each cell still masked after it
         save_grid([torch.stack([sh[r] for sh in shaded]) for r in range(rows)], out / "steps.png")
     if edit is not None:
         x, tokens, known, _ = edit
         source = x.cpu().float().clamp(-1, 1)
+        recon = to_images(tokens).cpu()  # the tokenizer's ceiling: what the known tokens decode to
         results = torch.from_numpy(arrays[:GRID_MAX]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        save_grid([torch.cat([source, shade_cells(source, known[None].cpu())]), *rows_of(results, 8)], out / "edit.png")
+        first = torch.cat([source, recon, shade_cells(recon, known[None].cpu())])
+        save_grid([first, *rows_of(results, 8)], out / "edit.png")
         np.savez(out / "edit_source.npz", tokens=tokens[0].cpu().numpy().astype(np.uint16), known=known.cpu().numpy())
     info = {"num_samples": n, "generated_now": made_all, "seconds": seconds, "processes": world,
             "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
