@@ -1,9 +1,11 @@
-"""The tokenizer's training loop (VQGAN schedule of Esser et al. 2021 on Accelerate).
+"""The tokenizer's trainer (VQGAN schedule of Esser et al. 2021 on Accelerate).
 
 One optimizer step is ``train.grad_accum`` micro-batches of: a generator pass (reconstruction,
 LPIPS, quantizer and, from ``disc_start`` on, the adaptive-weighted GAN term) and a discriminator
 pass (hinge loss on real and reconstructed images). The loop owns both optimizers and the GAN
-schedule; the model and the loss are separate modules (``movq.autoencoder``, ``movq.losses``).
+schedule; the model and the loss are separate modules (``movq.autoencoder``, ``movq.losses``). The
+loop itself (logging, evaluation, checkpoints, resume, stopping) is :class:`movq.training.TrainLoop`,
+shared with the prior; this file fills in its hooks.
 
 Guarantees (issue 3): every rank reads its own data; only rank 0 writes; checkpoints are atomic and
 a resume is bit-exact on CPU (the data stream is a pure function of seed and position, RNG states are
@@ -13,9 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -27,18 +28,8 @@ from movq.data import build_dataloader, train_batches
 from movq.discriminator import PatchDiscriminator
 from movq.losses import TokenizerLoss
 from movq.metrics import TokenizerMetrics
-from movq.training import (
-    EMA,
-    Checkpointer,
-    RunDir,
-    StepGuard,
-    StopFlag,
-    load_state_dict,
-    mean_logs,
-    save_state_dict,
-    warmup_lambda,
-    write_trainer_state,
-)
+from movq.training import make_accelerator  # noqa: F401 (was defined here; kept importable)
+from movq.training import TrainLoop, save_state_dict, warmup_lambda
 from movq.visualize import save_grid, save_usage_chart
 
 log = logging.getLogger(__name__)
@@ -46,36 +37,20 @@ log = logging.getLogger(__name__)
 GRID_IMAGES = 8  # columns of the reconstruction grid
 
 
-def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
-    """CPU runs need ``cpu=True`` explicitly, or ranks under torchrun would not synchronise."""
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=train_cfg.mixed_precision,
-        gradient_accumulation_steps=train_cfg.grad_accum,
-        log_with=list(train_cfg.trackers) or None,
-        project_dir=project_dir,
-    )
+class TokenizerTrainer(TrainLoop):
+    """Builds everything from a ``TokenizerConfig``; ``fit()`` (:class:`movq.training.TrainLoop`)
+    trains to ``train.max_steps``."""
 
-
-class TokenizerTrainer:
-    """Builds everything from a ``TokenizerConfig``; ``fit()`` trains to ``train.max_steps``."""
+    unit = "images"
 
     def __init__(self, cfg: TokenizerConfig, accelerator: Optional[Accelerator] = None):
-        self.cfg = cfg
-        t = cfg.train
-        if t.grad_accum < 1 or t.max_steps < 0:
-            raise ValueError("train.grad_accum must be ≥ 1 and train.max_steps ≥ 0")
-        self.acc = acc = accelerator or make_accelerator(t, t.run_dir)
-        self.run = RunDir(t.run_dir, acc.is_main_process)
-        self.run.save_config(cfg)
-
+        self._setup(cfg, accelerator)
+        acc, t = self.acc, cfg.train
         set_seed(t.seed)  # identical initial weights on every rank
         model = MoVQ(cfg)
         disc = PatchDiscriminator(cfg.discriminator)
         self.loss_fn = TokenizerLoss(cfg.loss).to(acc.device)
-        self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
-        if self.ema is not None:
-            self.ema.model.to(acc.device)
+        self.ema = self._make_ema(model)
 
         params_g = [p for p in model.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(params_g, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -85,61 +60,42 @@ class TokenizerTrainer:
         (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = acc.prepare(
             model, disc, opt_g, opt_d, sched_g, sched_d
         )
-        # Per-rank runtime randomness (DiT): seed · world_size + rank.
-        set_seed(t.seed * acc.num_processes + acc.process_index)
-
-        self.guard = StepGuard(t.max_bad_steps)
-        self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints)
-        self.fid = None
-        if t.fid_every > 0:
-            from movq.fid import FIDTracker
-
-            # rFID against the held-out originals; their statistics are cached in the run folder.
-            ref = t.fid_reference or str(self.run.root / "fid_reference.npz")
-            self.fid = FIDTracker(t.inception_weights, ref, device=acc.device)
-        self.step = 0
-        self.skipped: dict[str, int] = {}
-        self.images_seen = 0
-        if t.trackers:
-            from movq.config import to_dict
-
-            flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
-            acc.init_trackers(t.project, config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
+        self._setup_loop()
+        self.skipped: dict[str, int] = {}  # data skipped on this rank, by reason
+        self._setup_outputs()  # rFID against the held-out originals when train.fid_every > 0
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_extra(self, folder: Path) -> None:
-        unwrapped = self.acc.unwrap_model(self.model)
-        unwrapped.save_pretrained(folder / "model")
+    def _write_weights(self, folder: Path) -> None:
+        self.acc.unwrap_model(self.model).save_pretrained(folder / "model")
         if self.ema is not None:
             self.ema.model.save_pretrained(folder / "ema")
         save_state_dict(self.acc.unwrap_model(self.disc), folder / "discriminator.safetensors")
-        write_trainer_state(
-            folder,
-            {"step": self.step, "guard": self.guard.state_dict(), "skipped": self.skipped, "images_seen": self.images_seen},
-        )
 
-    def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self._write_extra)
-        self.acc.print(f"saved checkpoint {path}")
-        return path
+    def _state_extra(self) -> dict:
+        return {"skipped": self.skipped}
 
-    def resume(self) -> None:
-        path = self.checkpointer.resolve(self.cfg.train.resume)
-        if path is None:
-            if self.cfg.train.resume and self.cfg.train.resume != "latest":
-                raise FileNotFoundError(f"no checkpoint at {self.cfg.train.resume}")
-            return
-        state = self.checkpointer.load(path)
-        if self.ema is not None:
-            load_state_dict(self.ema.model, path / "ema" / "model.safetensors")
-        self.step = int(state["step"])
-        self.guard.load_state_dict(state["guard"])
+    def _load_state_extra(self, state: dict) -> None:
         self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items()}
-        self.images_seen = int(state.get("images_seen", 0))
-        self.acc.print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ one optimizer step
+    def _batches(self, start_step: int) -> Iterator[dict]:
+        acc = self.acc
+        return train_batches(self.cfg.data, rank=acc.process_index, world_size=acc.num_processes, start_step=start_step)
+
+    def _batch_size(self, batch: dict) -> int:
+        return batch["image"].shape[0]
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        self.disc.train()
+
+    def _train_batch(self, batch: dict) -> dict:
+        for reason, n in batch.get("skipped", {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+        return self._micro_step(batch["image"].to(self.acc.device, non_blocking=True))
+
     def _micro_step(self, x: torch.Tensor) -> dict:
+        """Generator and discriminator passes on images ``x [B, 3, H, W]`` (tools/bench_train.py times this)."""
         acc, step = self.acc, self.step
         model = self.model
         gan = self.loss_fn.gan_active(step)
@@ -255,22 +211,19 @@ class TokenizerTrainer:
         model.train(was_training)
         return value
 
-    # ------------------------------------------------------------------ the loop
-    def _log(self, history: list[dict], t0: float, images: int) -> dict:
-        acc = self.acc
-        means = mean_logs(history)
-        keys = sorted(means)
-        vec = torch.tensor([means[k] for k in keys], device=acc.device, dtype=torch.float64)
-        vec = acc.reduce(vec, reduction="mean")
-        out = {k: float(v) for k, v in zip(keys, vec.tolist())}
-        for k, v in self._skipped_all_ranks().items():
-            out[f"data_skipped/{k}"] = v
-        out["lr"] = self.sched_g.get_last_lr()[0]
-        out["bad_steps"] = self.guard.total
-        out["images_per_s"] = images * acc.num_processes / max(time.time() - t0, 1e-9)
-        self.run.log_metrics(self.step, "train", out)
-        acc.log(out, step=self.step)
-        return out
+    def _after_step(self, last_eval: dict) -> None:
+        """rFID every ``train.fid_every`` steps, its own ``fid`` record and ``val/rfid`` in ``last_eval``."""
+        t = self.cfg.train
+        if t.fid_every > 0 and self.step % t.fid_every == 0:
+            fid = self.compute_fid()
+            if fid is not None:
+                last_eval["val/rfid"] = fid
+                self.run.log_metrics(self.step, "fid", {"val/rfid": fid})
+                self.acc.log({"val/rfid": fid}, step=self.step)
+
+    # ------------------------------------------------------------------ logs and summary
+    def _lr(self) -> float:
+        return self.sched_g.get_last_lr()[0]
 
     def _skipped_all_ranks(self) -> dict:
         """Skip counts summed over ranks (reasons may differ between ranks)."""
@@ -280,76 +233,11 @@ class TokenizerTrainer:
                 total[k] = total.get(k, 0) + v
         return total
 
-    def fit(self) -> dict:
-        """Train to ``train.max_steps``; returns a summary (steps, time, last eval metrics, paths)."""
-        acc, t = self.acc, self.cfg.train
-        self.resume()
-        # The stream is a pure function of (seed, position): a resume continues where it stopped.
-        batches = train_batches(self.cfg.data, rank=acc.process_index, world_size=acc.num_processes,
-                                start_step=self.step * t.grad_accum)
-        stop = StopFlag()
-        history: list[dict] = []
-        last_eval: dict = {}
-        t_start = t_log = time.time()
-        images_since_log = 0
-        progress = None
-        if acc.is_main_process:
-            from tqdm.auto import tqdm
+    def _train_log_extra(self) -> dict:
+        return {f"data_skipped/{k}": v for k, v in self._skipped_all_ranks().items()}
 
-            progress = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        self.model.train()
-        self.disc.train()
-        try:
-            while self.step < t.max_steps:
-                micro_logs = {}
-                for _ in range(t.grad_accum):
-                    batch = next(batches)
-                    for reason, n in batch.get("skipped", {}).items():
-                        self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
-                    x = batch["image"].to(acc.device, non_blocking=True)
-                    micro_logs = self._micro_step(x)
-                    images_since_log += x.shape[0]
-                    self.images_seen += x.shape[0] * acc.num_processes
-                if self._optimizer_step(micro_logs):
-                    history.append({k: float(v) for k, v in micro_logs.items()})
-                self.step += 1
-                if progress is not None:
-                    progress.update(1)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    out = self._log(history or [{}], t_log, images_since_log)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{out.get('loss', math.nan):.4f}", img_s=f"{out['images_per_s']:.1f}")
-                    history, t_log, images_since_log = [], time.time(), 0
-                if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                    last_eval = self.evaluate()
-                    self.run.log_metrics(self.step, "eval", last_eval)
-                    acc.log(last_eval, step=self.step)
-                if t.fid_every > 0 and self.step % t.fid_every == 0:
-                    fid = self.compute_fid()
-                    if fid is not None:
-                        last_eval["val/rfid"] = fid
-                        self.run.log_metrics(self.step, "fid", {"val/rfid": fid})
-                        acc.log({"val/rfid": fid}, step=self.step)
-                if self.step % t.save_every == 0 or self.step == t.max_steps:
-                    self.save()
-                if stop.should_stop(acc.device):
-                    acc.print(f"stopping at step {self.step} on request")
-                    if self.step % t.save_every != 0 and self.step != t.max_steps:
-                        self.save()
-                    break
-            ckpts = self.checkpointer.list()
-            summary = {
-                "steps": self.step,
-                "seconds": time.time() - t_start,
-                "eval": last_eval,
-                "bad_steps": self.guard.total,
-                "data_skipped": self._skipped_all_ranks(),
-                "run_dir": str(self.run.root),
-                "checkpoint": str(ckpts[-1]) if ckpts else None,
-            }
-        finally:
-            stop.restore()
-            if progress is not None:
-                progress.close()
-            acc.end_training()  # closes trackers (and the process group)
-        return summary
+    def _progress_postfix(self, out: dict) -> dict:
+        return {"loss": f"{out.get('loss', math.nan):.4f}", "img_s": f"{out['images_per_s']:.1f}"}
+
+    def _summary_extra(self) -> dict:
+        return {"data_skipped": self._skipped_all_ranks()}
