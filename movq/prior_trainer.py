@@ -1,9 +1,10 @@
 """The MaskGIT prior's config, checkpoints and training loop (Chang et al. 2022 on Accelerate).
 
-Same structure and guarantees as the tokenizer's loop (:mod:`movq.trainer`, DiT's train.py): every
-rank reads its own share of the token shards; only rank 0 writes; checkpoints are atomic and a
-resume is bit-exact on CPU (the token stream is a pure function of seed and position, RNG states
-are restored); a non-finite loss or gradient skips the step; SIGINT / SIGTERM save and exit.
+The loop is :class:`movq.training.TrainLoop` (DiT's train.py), shared with the tokenizer's trainer;
+this file fills in its hooks. The same guarantees hold: every rank reads its own share of the token
+shards; only rank 0 writes; checkpoints are atomic and a resume is bit-exact on CPU (the token
+stream is a pure function of seed and position, RNG states are restored); a non-finite loss or
+gradient skips the step; SIGINT / SIGTERM save and exit.
 
 One optimizer step is ``train.grad_accum`` micro-batches of the masked-token loss
 (:meth:`movq.maskgit.MaskGIT.training_loss`), AdamW over :meth:`MaskGIT.param_groups` (decay on
@@ -20,10 +21,9 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -31,23 +31,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from movq.config import TrainConfig, load_config, save_config, to_dict
+from movq.config import TrainConfig, load_config, save_config
 from movq.maskgit import MaskGIT, MaskGITConfig
 from movq.sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS, box_mask, generate
 from movq.tokens import TokenDataConfig, TokenDataset, read_token_manifest, resolve_tokenizer
-from movq.training import (
-    EMA,
-    CKPT_PATTERN,
-    Checkpointer,
-    RunDir,
-    StepGuard,
-    StopFlag,
-    load_state_dict,
-    mean_logs,
-    save_state_dict,
-    warmup_lambda,
-    write_trainer_state,
-)
+from movq.training import CKPT_PATTERN, TrainLoop, load_state_dict, save_state_dict, warmup_lambda
 from movq.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -222,87 +210,59 @@ class _TrainingLoss(nn.Module):
         return self.prior.training_loss(tokens, labels)
 
 
-class PriorTrainer:
-    """Builds everything from a ``PriorConfig``; ``fit()`` trains to ``train.max_steps``."""
+class PriorTrainer(TrainLoop):
+    """Builds everything from a ``PriorConfig``; ``fit()`` (:class:`movq.training.TrainLoop`) trains
+    to ``train.max_steps``."""
+
+    unit = "samples"
 
     def __init__(self, cfg: PriorConfig, accelerator: Optional[Accelerator] = None):
-        from movq.trainer import make_accelerator
-
         t = cfg.train
         if t.grad_accum < 1 or t.max_steps < 0 or cfg.data.batch_size < 1:
             raise ValueError("train.grad_accum and data.batch_size must be ≥ 1 and train.max_steps ≥ 0")
         if not cfg.data.tokens:
             raise ValueError("data.tokens must name a token folder (made by tools/tokenize_dataset.py)")
         manifest = read_token_manifest(cfg.data.tokens)
-        self.cfg = cfg = resolve_model_shape(cfg, manifest, cfg.data.tokens)
+        cfg = resolve_model_shape(cfg, manifest, cfg.data.tokens)
         made_by = manifest.get("tokenizer")
         if cfg.data.tokenizer is None and made_by and Path(made_by).is_dir():
             cfg.data.tokenizer = made_by  # stored in the run's config for tools/sample.py
-        self.acc = acc = accelerator or make_accelerator(t, t.run_dir)
-        self.run = RunDir(t.run_dir, acc.is_main_process)
-        self.run.save_config(cfg)
+        self._setup(cfg, accelerator)
+        acc = self.acc
         self.data = TokenDataset(cfg.data.tokens, rank=acc.process_index, world_size=acc.num_processes,
                                  verify=cfg.data.verify)
 
         set_seed(t.seed)  # identical initial weights on every rank
         prior = MaskGIT(cfg.model)
-        self.ema = EMA(prior, t.ema_decay) if t.ema_decay > 0 else None
-        if self.ema is not None:
-            self.ema.model.to(acc.device)
+        self.ema = self._make_ema(prior)
         opt = torch.optim.AdamW(prior.param_groups(t.weight_decay), lr=t.lr, betas=t.betas)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
         self.model, self.opt, self.sched = acc.prepare(_TrainingLoss(prior), opt, sched)
-        # Per-rank runtime randomness (DiT): seed · world_size + rank.
-        set_seed(t.seed * acc.num_processes + acc.process_index)
-
-        self.guard = StepGuard(t.max_bad_steps)
-        self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints)
-        self.step = 0
-        self.samples_seen = 0
+        self._setup_loop()
         self.tokenizer = load_decoder(cfg.data.tokenizer, cfg.model, acc.device) if cfg.data.tokenizer else None
-        self.fid = None
-        if t.fid_every > 0:
-            from movq.fid import FIDTracker
-
-            ref = t.fid_reference or str(self.run.root / "fid_reference.npz")
-            self.fid = FIDTracker(t.inception_weights, ref, device=acc.device)
-        if t.trackers:
-            flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
-            acc.init_trackers(t.project, config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
+        self._setup_outputs()
 
     @property
     def prior(self) -> MaskGIT:
         return self.acc.unwrap_model(self.model).prior
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_extra(self, folder: Path) -> None:
+    def _write_weights(self, folder: Path) -> None:
         save_prior(self.prior, self.cfg, folder / "model")
         if self.ema is not None:
             save_prior(self.ema.model, self.cfg, folder / "ema")
-        write_trainer_state(folder, {"step": self.step, "guard": self.guard.state_dict(), "samples_seen": self.samples_seen})
-
-    def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self._write_extra)
-        self.acc.print(f"saved checkpoint {path}")
-        return path
-
-    def resume(self) -> None:
-        path = self.checkpointer.resolve(self.cfg.train.resume)
-        if path is None:
-            return
-        state = self.checkpointer.load(path)
-        if self.ema is not None:
-            load_state_dict(self.ema.model, path / "ema" / WEIGHTS_NAME)
-        self.step = int(state["step"])
-        self.guard.load_state_dict(state["guard"])
-        self.samples_seen = int(state.get("samples_seen", 0))
-        self.acc.print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ one optimizer step
+    def _batches(self, start_step: int) -> Iterator[dict]:
+        return self.data.batches(self.cfg.data.batch_size, self.cfg.data.seed, start_step=start_step)
+
+    def _batch_size(self, batch: dict) -> int:
+        return batch["tokens"].shape[0]
+
     def _labels(self, batch: dict) -> Optional[Tensor]:
         return batch["label"].to(self.acc.device) if self.cfg.model.num_classes > 0 else None
 
-    def _micro_step(self, batch: dict) -> dict:
+    def _train_batch(self, batch: dict) -> dict:
         acc = self.acc
         tokens = batch["tokens"].to(acc.device, non_blocking=True)
         with acc.accumulate(self.model):
@@ -406,22 +366,9 @@ class PriorTrainer:
         model.train(was_training)
         return value
 
-    # ------------------------------------------------------------------ the loop
-    def _log(self, history: list[dict], t0: float, samples: int) -> dict:
-        acc = self.acc
-        means = mean_logs(history)
-        keys = sorted(means)
-        vec = torch.tensor([means[k] for k in keys], device=acc.device, dtype=torch.float64)
-        vec = acc.reduce(vec, reduction="mean")
-        out = {k: float(v) for k, v in zip(keys, vec.tolist())}
-        out["lr"] = self.sched.get_last_lr()[0]
-        out["bad_steps"] = self.guard.total
-        out["samples_per_s"] = samples * acc.num_processes / max(time.time() - t0, 1e-9)
-        self.run.log_metrics(self.step, "train", out)
-        acc.log(out, step=self.step)
-        return out
-
-    def _evaluate(self) -> dict:
+    def evaluate(self) -> dict:
+        """Rank 0 writes the pictures (their paths are returned); at an evaluation step that is also a
+        multiple of ``train.fid_every``, all ranks compute ``fid``."""
         acc, t = self.acc, self.cfg.train
         result = {}
         if acc.is_main_process:
@@ -433,66 +380,12 @@ class PriorTrainer:
         acc.wait_for_everyone()
         return result
 
-    def fit(self) -> dict:
-        """Train to ``train.max_steps``; returns a summary (steps, time, last eval, paths)."""
-        acc, t = self.acc, self.cfg.train
-        self.resume()
-        # The stream is a pure function of (seed, position): a resume continues where it stopped.
-        batches = self.data.batches(self.cfg.data.batch_size, self.cfg.data.seed, start_step=self.step * t.grad_accum)
-        stop = StopFlag()
-        history: list[dict] = []
-        last_eval: dict = {}
-        t_start = t_log = time.time()
-        samples_since_log = 0
-        progress = None
-        if acc.is_main_process:
-            from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ logs
+    def _lr(self) -> float:
+        return self.sched.get_last_lr()[0]
 
-            progress = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        self.model.train()
-        try:
-            while self.step < t.max_steps:
-                logs = {}
-                for _ in range(t.grad_accum):
-                    batch = next(batches)
-                    logs = self._micro_step(batch)
-                    samples_since_log += batch["tokens"].shape[0]
-                    self.samples_seen += batch["tokens"].shape[0] * acc.num_processes
-                if self._optimizer_step(logs):
-                    history.append({k: float(v) for k, v in logs.items()})
-                self.step += 1
-                if progress is not None:
-                    progress.update(1)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    out = self._log(history or [{}], t_log, samples_since_log)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{out.get('loss', math.nan):.4f}", acc=f"{out.get('accuracy', math.nan):.3f}")
-                    history, t_log, samples_since_log = [], time.time(), 0
-                if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                    last_eval = self._evaluate()
-                    self.run.log_metrics(self.step, "eval", last_eval)
-                    acc.log({k: v for k, v in last_eval.items() if isinstance(v, float)}, step=self.step)
-                if self.step % t.save_every == 0 or self.step == t.max_steps:
-                    self.save()
-                if stop.should_stop(acc.device):
-                    acc.print(f"stopping at step {self.step} on request")
-                    if self.step % t.save_every != 0 and self.step != t.max_steps:
-                        self.save()
-                    break
-        finally:
-            stop.restore()
-            if progress is not None:
-                progress.close()
-            acc.end_training()
-        found = self.checkpointer.list()
-        return {
-            "steps": self.step,
-            "seconds": time.time() - t_start,
-            "eval": last_eval,
-            "bad_steps": self.guard.total,
-            "run_dir": str(self.run.root),
-            "checkpoint": str(found[-1]) if found else None,
-        }
+    def _progress_postfix(self, out: dict) -> dict:
+        return {"loss": f"{out.get('loss', math.nan):.4f}", "acc": f"{out.get('accuracy', math.nan):.3f}"}
 
 
 __all__ = [
