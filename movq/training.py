@@ -14,7 +14,7 @@
 * ``TrainLoop`` — the loop itself (resume, gradient accumulation, logging, evaluation, checkpoints,
   stopping), with hooks that ``movq.trainer.TokenizerTrainer`` and ``movq.prior_trainer.PriorTrainer``
   fill in.
-* ``parse_train_args`` — the training tools' ``--config FILE key.sub=value ...`` and logging set-up.
+* ``parse_train_args``, ``summary_banner`` — the training tools' command line and closing summary.
 """
 from __future__ import annotations
 
@@ -515,3 +515,19 @@ def parse_train_args(argv: Optional[Sequence[str]], description: str, config_hel
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return args
+
+
+def summary_banner(summary: dict, accelerator: Accelerator, body: Sequence[str], checkpoint_hint: str) -> str:
+    """The block the training tools print at the end of ``fit()``: steps and time, the ``body`` lines,
+    the run folder and the newest checkpoint (``checkpoint_hint`` says how to load it)."""
+    rule = "=" * 64
+    return "\n".join([
+        "",
+        rule,
+        f" trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min"
+        f" ({accelerator.num_processes} process(es), {accelerator.device})",
+        *body,
+        f" run folder:   {summary['run_dir']}  (config.yaml, metrics.jsonl, images/)",
+        f" checkpoint:   {summary['checkpoint']}  ({checkpoint_hint})",
+        rule,
+    ])

@@ -11,29 +11,19 @@ checkpoints/NNNNNNN/{model,ema}/ (load with movq.prior_trainer.load_prior or too
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from movq.config import ConfigError, load_config  # noqa: E402
+from movq.training import NonFiniteError, parse_train_args, summary_banner  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (configs/maskgit_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_train_args(argv, __doc__, "YAML config (configs/maskgit_*.yaml)")
 
     from movq.prior_trainer import PriorConfig, PriorTrainer
-    from movq.training import NonFiniteError
 
     try:
         cfg = load_config(PriorConfig, args.config, args.overrides)
@@ -52,22 +42,15 @@ def main(argv=None) -> int:
     if trainer.acc.is_main_process:
         ev, m = summary["eval"], trainer.cfg.model
         kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
-        lines = [
-            "",
-            "=" * 64,
-            f" trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min"
-            f" ({trainer.acc.num_processes} process(es), {trainer.acc.device})",
+        body = [
             f" prior: {trainer.prior.num_params() / 1e6:.2f}M parameters, {m.channels}×{m.grid_hw[0]}×{m.grid_hw[1]}"
             f" tokens, K={m.codebook_size}, {kind}",
             f" FID {ev['fid']:.2f}" if "fid" in ev else " FID: not computed (needs train.fid_every, Inception weights, a tokenizer)",
             f" non-finite steps skipped: {summary['bad_steps']}",
             f" samples:      {ev.get('samples', '-')}",
             f" inpainting:   {ev.get('inpaint', '-')}",
-            f" run folder:   {summary['run_dir']}  (config.yaml, metrics.jsonl, images/)",
-            f" checkpoint:   {summary['checkpoint']}  (tools/sample.py --checkpoint {summary['run_dir']})",
-            "=" * 64,
         ]
-        print("\n".join(lines))
+        print(summary_banner(summary, trainer.acc, body, f"tools/sample.py --checkpoint {summary['run_dir']}"))
     return 0
 
 

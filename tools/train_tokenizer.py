@@ -9,26 +9,17 @@ Overrides use the config's dotted keys, e.g. ``train.run_dir=runs/x train.resume
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from movq.config import ConfigError, TokenizerConfig, load_config  # noqa: E402
+from movq.training import NonFiniteError, parse_train_args, summary_banner  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_train_args(argv, __doc__, "YAML config (see configs/)")
     try:
         cfg = load_config(TokenizerConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
@@ -36,7 +27,6 @@ def main(argv=None) -> int:
         return 2
 
     from movq.trainer import TokenizerTrainer
-    from movq.training import NonFiniteError
 
     trainer = TokenizerTrainer(cfg)
     try:
@@ -46,20 +36,13 @@ def main(argv=None) -> int:
         return 3
     if trainer.acc.is_main_process:
         ev = summary["eval"]
-        lines = [
-            "",
-            "=" * 64,
-            f" trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min"
-            f" ({trainer.acc.num_processes} process(es), {trainer.acc.device})",
+        body = [
             f" held-out PSNR {ev.get('val/psnr', float('nan')):.2f} dB   SSIM {ev.get('val/ssim', float('nan')):.3f}"
             + (f"   LPIPS {ev['val/lpips']:.3f}" if "val/lpips" in ev else ""),
             f" codebook usage {100 * ev.get('val/codebook_usage', float('nan')):.1f}%   perplexity {ev.get('val/perplexity', float('nan')):.1f}",
             f" non-finite steps skipped: {summary['bad_steps']}   data skipped: {summary['data_skipped'] or 'none'}",
-            f" run folder:   {summary['run_dir']}  (config.yaml, metrics.jsonl, images/)",
-            f" checkpoint:   {summary['checkpoint']}  (model/, ema/ load with MoVQ.from_pretrained)",
-            "=" * 64,
         ]
-        print("\n".join(lines))
+        print(summary_banner(summary, trainer.acc, body, "model/, ema/ load with MoVQ.from_pretrained"))
     return 0
 
 
