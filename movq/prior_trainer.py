@@ -1,6 +1,6 @@
 """The MaskGIT prior's config, checkpoints and training loop (Chang et al. 2022 on Accelerate).
 
-The loop is :class:`movq.training.TrainLoop` (DiT's train.py), shared with the tokenizer's trainer;
+The loop is :class:`movq.train_loop.TrainLoop` (DiT's train.py), shared with the tokenizer's trainer;
 this file fills in its hooks. The same guarantees hold: every rank reads its own share of the token
 shards; only rank 0 writes; checkpoints are atomic and a resume is bit-exact on CPU (the token
 stream is a pure function of seed and position, RNG states are restored); a non-finite loss or
@@ -35,7 +35,8 @@ from movq.config import TrainConfig, load_config, save_config
 from movq.maskgit import MaskGIT, MaskGITConfig
 from movq.sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS, box_mask, generate
 from movq.tokens import TokenDataConfig, TokenDataset, read_token_manifest, resolve_tokenizer
-from movq.training import CKPT_PATTERN, TrainLoop, load_state_dict, save_state_dict, warmup_lambda
+from movq.train_loop import TrainLoop
+from movq.training import CKPT_PATTERN, load_state_dict, save_state_dict, warmup_lambda
 from movq.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class _TrainingLoss(nn.Module):
 
 
 class PriorTrainer(TrainLoop):
-    """Builds everything from a ``PriorConfig``; ``fit()`` (:class:`movq.training.TrainLoop`) trains
+    """Builds everything from a ``PriorConfig``; ``fit()`` (:class:`movq.train_loop.TrainLoop`) trains
     to ``train.max_steps``."""
 
     unit = "samples"

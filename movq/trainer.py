@@ -4,7 +4,7 @@ One optimizer step is ``train.grad_accum`` micro-batches of: a generator pass (r
 LPIPS, quantizer and, from ``disc_start`` on, the adaptive-weighted GAN term) and a discriminator
 pass (hinge loss on real and reconstructed images). The loop owns both optimizers and the GAN
 schedule; the model and the loss are separate modules (``movq.autoencoder``, ``movq.losses``). The
-loop itself (logging, evaluation, checkpoints, resume, stopping) is :class:`movq.training.TrainLoop`,
+loop itself (logging, evaluation, checkpoints, resume, stopping) is :class:`movq.train_loop.TrainLoop`,
 shared with the prior; this file fills in its hooks.
 
 Guarantees (issue 3): every rank reads its own data; only rank 0 writes; checkpoints are atomic and
@@ -28,8 +28,8 @@ from movq.data import build_dataloader, train_batches
 from movq.discriminator import PatchDiscriminator
 from movq.losses import TokenizerLoss
 from movq.metrics import TokenizerMetrics
-from movq.training import make_accelerator  # noqa: F401 (was defined here; kept importable)
-from movq.training import TrainLoop, save_state_dict, warmup_lambda
+from movq.train_loop import TrainLoop
+from movq.training import save_state_dict, warmup_lambda
 from movq.visualize import save_grid, save_usage_chart
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ GRID_IMAGES = 8  # columns of the reconstruction grid
 
 
 class TokenizerTrainer(TrainLoop):
-    """Builds everything from a ``TokenizerConfig``; ``fit()`` (:class:`movq.training.TrainLoop`)
+    """Builds everything from a ``TokenizerConfig``; ``fit()`` (:class:`movq.train_loop.TrainLoop`)
     trains to ``train.max_steps``."""
 
     unit = "images"

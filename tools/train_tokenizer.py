@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from movq.config import ConfigError, TokenizerConfig, load_config  # noqa: E402
-from movq.training import NonFiniteError, parse_train_args, summary_banner  # noqa: E402
+from _train_cli import parse_train_args, summary_banner  # noqa: E402 (tools/ is on sys.path)
+from movq.training import NonFiniteError  # noqa: E402
 
 
 def main(argv=None) -> int:
