@@ -91,7 +91,10 @@ class TrainLoop:
             self.fid = FIDTracker(t.inception_weights, ref, device=acc.device)
         if t.trackers:
             flat = {f"{s}.{k}": v for s, sec in to_dict(self.cfg).items() for k, v in sec.items()}
-            acc.init_trackers(t.project, config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
+            # wandb would otherwise write ./wandb in the working directory; keep it in the run folder
+            init_kwargs = {"wandb": {"dir": str(self.run.root)}} if "wandb" in t.trackers else {}
+            acc.init_trackers(t.project, config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()},
+                              init_kwargs=init_kwargs)
 
     # ------------------------------------------------------------------ hooks
     def _batches(self, start_step: int) -> Iterator[dict]:

@@ -241,3 +241,13 @@ def test_rfid_without_weights_goes_on(tmp_path, cache):
                    inception_weights=str(tmp_path / "missing.pth"), save_every=100)
     _, summary = fit(cfg)
     assert summary["steps"] == 2 and "val/rfid" not in summary["eval"]
+
+
+def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=2, grad_accum=1, save_every=100, trackers=["tensorboard", "wandb"])
+    fit(cfg)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "wandb").exists()
