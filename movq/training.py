@@ -125,9 +125,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         ema_state = self.model.state_dict()
+        params = {name for name, _ in model.named_parameters()}  # once: a per-entry dict is O(n²) per step
         for name, value in model.state_dict().items():
             target = ema_state[name]
-            if value.dtype.is_floating_point and name in dict(model.named_parameters()):
+            if value.dtype.is_floating_point and name in params:
                 target.lerp_(value.to(target.dtype), 1.0 - self.decay)
             else:
                 target.copy_(value)
