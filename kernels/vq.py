@@ -169,7 +169,9 @@ def _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n,
     tl.atomic_add(counts_ptr + best_i, tl.full([BLOCK_N], 1, tl.int32), mask=mask_n)
 
 
-@triton.autotune(configs=search_configs(), key=["K", "D_PAD", "N_LOG2", "SPLIT"],
+# DOT_PRECISION is in the key because prune_search_configs picks tensor-core or FMA shapes by it: without it an
+# fp32 call with allow_tf32 would hand its tuned tensor-core tile to later exact (ieee) calls of the same size.
+@triton.autotune(configs=search_configs(), key=["K", "D_PAD", "N_LOG2", "SPLIT", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_search_configs}, reset_to_zero=["counts_ptr"])
 @triton.jit
 def _vq_search_kernel(
