@@ -182,14 +182,13 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, origin)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} matches none of {tp}")
     if org is Literal:
         choices = typing.get_args(tp)
