@@ -57,8 +57,9 @@ class TokenizerLoss(nn.Module):
     def reconstruction_loss(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         x, x_rec = x.float(), x_rec.float()
-        l1 = (x - x_rec).abs().mean()
-        l2 = (x - x_rec).pow(2).mean()
+        diff = x - x_rec
+        l1 = diff.abs().mean()
+        l2 = diff.pow(2).mean()
         rec = cfg.l1_weight * l1 + cfg.l2_weight * l2
         logs = {"l1": l1.detach(), "l2": l2.detach()}
         if self.lpips is not None:
