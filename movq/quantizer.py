@@ -35,7 +35,7 @@ class QuantizerOutput(NamedTuple):
     indices: int64 [B, C, h, w].
     loss: codebook_loss + β · commitment_loss (fp32 scalar; β on the codebook term with beta_on="codebook").
     usage: fraction of codes chosen within the last ``usage_window`` training steps.
-    perplexity: exp(entropy) of the code histogram of this batch (all ranks).
+    perplexity: exp(entropy) of the code histogram of this batch (all ranks in training, this rank in eval).
     """
 
     z_q: torch.Tensor
