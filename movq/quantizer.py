@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from kernels.vq import multichannel_vq
+from kernels.vq import NORM_EPS, multichannel_vq
 from movq.config import QuantizerConfig
 
 _NEVER = -(2**62)  # "last used at step" of a code that has never been chosen
@@ -63,9 +63,11 @@ def _broadcast_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _flatten(z: torch.Tensor, channels: int) -> torch.Tensor:
-    """[B, C·d, h, w] → [B·C·h·w, d] in the same order as ``indices.flatten()``."""
-    return rearrange(z, "b (c d) h w -> (b c h w) d", c=channels)
+def _flatten(z: torch.Tensor, channels: int, cosine: bool) -> torch.Tensor:
+    """[B, C·d, h, w] → fp32 [B·C·h·w, d] in the same order as ``indices.flatten()``, l2-normalized
+    when ``cosine`` (the vectors as the search compares them)."""
+    flat = rearrange(z.float(), "b (c d) h w -> (b c h w) d", c=channels)
+    return F.normalize(flat, dim=-1, eps=NORM_EPS) if cosine else flat
 
 
 class MultichannelQuantizer(nn.Module):
@@ -108,7 +110,7 @@ class MultichannelQuantizer(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The codebook as used for lookup: [K, d] (l2-normalized in cosine mode)."""
-        return F.normalize(self.codebook, dim=-1, eps=1e-6) if self.cfg.cosine else self.codebook
+        return F.normalize(self.codebook, dim=-1, eps=NORM_EPS) if self.cfg.cosine else self.codebook
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """indices int64 [B, C, h, w] → z_q [B, C·d, h, w]."""
@@ -168,9 +170,7 @@ class MultichannelQuantizer(nn.Module):
         self.last_used[counts > 0] = self.step
         self.usage_ema.mul_(cfg.usage_decay).add_(counts, alpha=1 - cfg.usage_decay)
         if cfg.ema or cfg.dead_code_threshold > 0:
-            flat = _flatten(z.float(), cfg.channels)
-            if cfg.cosine:
-                flat = F.normalize(flat, dim=-1, eps=1e-6)
+            flat = _flatten(z, cfg.channels, cfg.cosine)
         if cfg.ema:
             embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, indices.flatten(), flat)
             _all_reduce_(embed_sum)
@@ -202,9 +202,7 @@ class MultichannelQuantizer(nn.Module):
     def _kmeans_init(self, z: torch.Tensor) -> None:
         """k-means (Lloyd) on this batch's vectors, computed on rank 0 and broadcast."""
         cfg = self.cfg
-        flat = _flatten(z.float(), cfg.channels)
-        if cfg.cosine:
-            flat = F.normalize(flat, dim=-1, eps=1e-6)
+        flat = _flatten(z, cfg.channels, cfg.cosine)
         gen = torch.Generator(device=flat.device).manual_seed(0)
         K = cfg.codebook_size
         # With fewer vectors than codes, sample with replacement; duplicates split over iterations.
@@ -220,7 +218,7 @@ class MultichannelQuantizer(nn.Module):
             moved = sums / hits.clamp_min(1.0).unsqueeze(1)
             centroids = torch.where(hits.unsqueeze(1) > 0, moved, centroids)
             if cfg.cosine:
-                centroids = F.normalize(centroids, dim=-1, eps=1e-6)
+                centroids = F.normalize(centroids, dim=-1, eps=NORM_EPS)
         _broadcast_(centroids)
         self.codebook.data.copy_(centroids)
         if cfg.ema:
