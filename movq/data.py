@@ -151,6 +151,17 @@ def crop_square(
     return img.resize((size, size), Image.Resampling.BICUBIC, box=box), side < size
 
 
+def load_image(
+    data: bytes, size: int, rng: Optional[np.random.Generator] = None
+) -> tuple[np.ndarray, list[str]]:
+    """Decode and crop to ``uint8 [size, size, 3]`` (centred, or at a random offset with ``rng``).
+    Returns (array, conversions: ``"mode:<mode>"`` and/or ``"upscaled"``); raises ``SkipSample``."""
+    img, conversion = decode_image(data, min_size=size)
+    img, upscaled = crop_square(img, size, rng)
+    conversions = [c for c in (conversion, "upscaled" if upscaled else None) if c]
+    return np.asarray(img, dtype=np.uint8), conversions
+
+
 # --------------------------------------------------------------------------------------
 # The per-rank batch stream
 # --------------------------------------------------------------------------------------
@@ -286,12 +297,9 @@ class ImageStream(IterableDataset):
             yield held
 
     def _load(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-        img, conversion = decode_image(data, min_size=self.image_size)
-        img, upscaled = crop_square(img, self.image_size, rng if self.train else None)
-        arr = np.asarray(img, dtype=np.uint8)  # [S, S, 3]
+        arr, conversions = load_image(data, self.image_size, rng if self.train else None)  # [S, S, 3]
         if self.train and self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        conversions = [c for c in (conversion, "upscaled" if upscaled else None) if c]
         return arr, conversions
 
 

@@ -41,12 +41,12 @@ import torch  # noqa: E402
 from movq.data import (  # noqa: E402
     IMAGE_EXTS,
     SkipSample,
-    crop_square,
-    decode_image,
     expand_shards,
     folder_classes,
     iter_tar,
     list_images,
+    load_image,  # centre crop, as for validation
+    read_manifest,
 )
 from movq.tokens import (  # noqa: E402
     MAX_CODEBOOK,
@@ -144,8 +144,6 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
         classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
         return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
                          "builtin_photo" if use else None)
-    from movq.data import read_manifest
-
     folder = Path(data).expanduser()
     shards = sorted(str(p) for p in folder.glob("*.tar")) if folder.is_dir() else expand_shards(data)
     if not shards:
@@ -189,17 +187,6 @@ def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[by
     except (tarfile.TarError, OSError, EOFError) as e:
         log.warning("input shard %s breaks off (%s); using the samples before it", chunk.shard, e)
         yield f"{chunk.index:06d}_tail", None, -1, "truncated_shard"
-
-
-def load_image(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
-    """Decode, centre-crop the largest square and resize to ``size``: ``uint8 [S, S, 3]``.
-
-    Raises :class:`movq.data.SkipSample` for unusable bytes; returns the conversions applied.
-    """
-    img, conversion = decode_image(data, min_size=size)
-    img, upscaled = crop_square(img, size)
-    return np.asarray(img, dtype=np.uint8), [c for c in (conversion, "upscaled" if upscaled else None) if c]
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
