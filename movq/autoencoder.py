@@ -227,7 +227,7 @@ class MoVQ(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "MoVQ":
-        """Rebuild from ``save_pretrained`` output; nothing is unpickled."""
+        """Rebuild from ``save_pretrained`` output, on the device ``map_location``; nothing is unpickled."""
         directory = Path(directory)
         weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
         for p in (weights, cfg_path):
@@ -249,4 +249,4 @@ class MoVQ(nn.Module):
                 f"{'…' if len(unexpected) > 8 else ''}, wrong shapes {bad_shapes[:8]}"
             )
         model.load_state_dict(state)
-        return model
+        return model.to(map_location)  # load_state_dict copies into the CPU-built parameters
