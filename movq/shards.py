@@ -2,7 +2,7 @@
 
 Reference: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
 share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample). Writing (``ShardWriter``: fixed tar
-headers so equal input gives byte-identical shards and checksums; ``write_manifest``) and
+headers, ``add_member``, so equal input gives byte-identical shards and checksums; ``write_manifest``) and
 reading (``read_manifest``, ``expand_shards`` for brace patterns, ``iter_tar`` per sample).
 Decoding the samples and streaming them to ranks is ``movq.data``'s job.
 """
@@ -44,9 +44,7 @@ class ShardWriter:
             self._tar = tarfile.open(self.out_dir / f".{name}.tmp", "w", format=tarfile.USTAR_FORMAT)
             self._name, self._count = name, 0
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            self._tar.addfile(info, io.BytesIO(data))
+            add_member(self._tar, f"{key}.{ext}", data)
         self._count += 1
         if self._count >= self.maxcount:
             self._finish()
@@ -68,6 +66,13 @@ class ShardWriter:
     def close(self) -> list[dict]:
         self.flush()
         return self.shards
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one file with a fixed header (no time, owner or umask), so equal bytes give equal tars."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
 
 
 def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:

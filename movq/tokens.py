@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from movq.config import atomic_write_text
-from movq.data import iter_tar
+from movq.shards import add_member, iter_tar
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +116,7 @@ def write_token_shard(path: Union[str, os.PathLike], samples: Sequence[tuple[str
             if label >= 0:
                 members[LABEL_EXT] = str(int(label)).encode()
             for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
+                add_member(tar, f"{key}.{ext}", data)
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, path)
     return {"name": path.name, "count": len(samples), "sha256": digest}
