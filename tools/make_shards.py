@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import random
 import sys
 from collections import Counter
@@ -36,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 from movq.data import (  # noqa: E402
-    IMAGE_EXTS, MANIFEST_NAME, ShardWriter, SkipSample, crop_square, decode_image, folder_classes,
+    MANIFEST_NAME, ShardWriter, SkipSample, crop_square, decode_image, folder_classes,
     read_manifest, write_manifest,
 )
+from movq.sources import is_image_file, walk_files  # noqa: E402
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -77,16 +77,11 @@ def _original_format(data: bytes) -> Optional[str]:
 def _walk(src: Path) -> tuple[list[str], int]:
     """Sorted relative paths of image files under src, and the number of other files."""
     images, others = [], 0
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(src).as_posix()
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if name.rpartition(".")[2].lower() in IMAGE_EXTS:
-                images.append(name if rel == "." else f"{rel}/{name}")
-            else:
-                others += 1
+    for f in walk_files(src):
+        if is_image_file(f):
+            images.append(f)
+        else:
+            others += 1
     return sorted(images), others
 
 
