@@ -36,7 +36,7 @@ from movq.maskgit import MaskGIT, MaskGITConfig
 from movq.sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS, box_mask, generate
 from movq.tokens import TokenDataConfig, TokenDataset, read_token_manifest, resolve_tokenizer
 from movq.train_loop import TrainLoop
-from movq.training import CKPT_PATTERN, load_state_dict, save_state_dict, warmup_lambda
+from movq.training import list_checkpoints, load_state_dict, save_state_dict, warmup_lambda
 from movq.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def resolve_prior(path: Union[str, os.PathLike], prefer: str = "ema") -> Path:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     if (p / "checkpoints").is_dir():
-        found = sorted(c for c in (p / "checkpoints").iterdir() if c.is_dir() and CKPT_PATTERN.match(c.name))
+        found = list_checkpoints(p / "checkpoints")
         if not found:
             raise FileNotFoundError(f"run folder {p} has no finished checkpoint under checkpoints/")
         p = found[-1]

@@ -44,6 +44,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def list_checkpoints(directory: Union[str, os.PathLike]) -> list[Path]:
+    """The finished checkpoint folders ``NNNNNNN`` under ``directory``, oldest first ([] if none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name))
+
+
 def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
     """CPU runs need ``cpu=True`` explicitly, or ranks under torchrun would not synchronise."""
     return Accelerator(
@@ -147,9 +155,7 @@ class Checkpointer:
         self.keep = max(1, keep)
 
     def list(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name))
+        return list_checkpoints(self.dir)
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
         """``None`` → None; ``"latest"`` → the newest complete checkpoint or None; else that folder."""
