@@ -207,20 +207,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--verify", metavar="DIR", help="check DIR's shards against its manifest, then exit")
     args = ap.parse_args(argv)
 
-    if args.verify:
-        problems = verify(args.verify)
-        print("\n".join(problems) if problems else f"{args.verify}: all shards match the manifest")
-        return 1 if problems else 0
-    if not args.src or not args.out:
+    if not args.verify and (not args.src or not args.out):
         ap.error("SRC and OUT are required (or use --verify DIR)")
-    classes = None
-    if args.classes_from:  # a manifest.json or the folder holding it; implies --labels folder
-        p = Path(args.classes_from)
-        manifest = read_manifest(p.parent if p.is_file() else p)
-        if not manifest or not manifest.get("classes"):
-            ap.error(f"--classes-from {args.classes_from}: no manifest with a class list there")
-        classes = manifest["classes"]
-    try:
+    try:  # a manifest that is not ours (read_manifest's ValueError) is an error line, not a traceback
+        if args.verify:
+            problems = verify(args.verify)
+            print("\n".join(problems) if problems else f"{args.verify}: all shards match the manifest")
+            return 1 if problems else 0
+        classes = None
+        if args.classes_from:  # a manifest.json or the folder holding it; implies --labels folder
+            p = Path(args.classes_from)
+            manifest = read_manifest(p.parent if p.is_file() else p)
+            if not manifest or not manifest.get("classes"):
+                ap.error(f"--classes-from {args.classes_from}: no manifest with a class list there")
+            classes = manifest["classes"]
         pack_folder(
             args.src, args.out, size=args.size, shard_size=args.shard_size, fmt=args.format,
             quality=args.quality, labels=args.labels == "folder" or classes is not None, classes=classes,
