@@ -232,9 +232,14 @@ def prepare_output(directory: Union[str, os.PathLike], spec: dict, overwrite: bo
     atomic_write_text(path, json.dumps(spec, indent=1))
 
 
+def _part_path(directory: Path, index: int) -> Path:
+    """The ``.parts/`` record of shard ``index``."""
+    return directory / PARTS_DIR / f"{SHARD_PREFIX}-{index:06d}.json"
+
+
 def _load_part(directory: Path, index: int) -> Optional[dict]:
     """The record of a finished shard, or None if it is not complete (no record or no tar)."""
-    part = directory / PARTS_DIR / f"{SHARD_PREFIX}-{index:06d}.json"
+    part = _part_path(directory, index)
     if not part.is_file() or not (directory / shard_name(index)).is_file():
         return None
     return json.loads(part.read_text())
@@ -247,12 +252,12 @@ def shard_done(directory: Union[str, os.PathLike], index: int) -> bool:
 def finish_shard(directory: Union[str, os.PathLike], index: int, samples, skipped: Counter, converted: Counter) -> dict:
     """Write shard ``index`` and its record. The record goes first: a shard counts as done only
     once its tar exists, and the tar is renamed into place last."""
-    directory = Path(directory)
-    (directory / shard_name(index)).unlink(missing_ok=True)
-    tmp_info = write_token_shard(directory / f".{shard_name(index)}.staged", samples)
-    info = {**tmp_info, "name": shard_name(index), "skipped": dict(skipped), "converted": dict(converted)}
-    atomic_write_text(directory / PARTS_DIR / f"{SHARD_PREFIX}-{index:06d}.json", json.dumps(info))
-    os.replace(directory / f".{shard_name(index)}.staged", directory / shard_name(index))
+    directory, name = Path(directory), shard_name(index)
+    staged = directory / f".{name}.staged"
+    (directory / name).unlink(missing_ok=True)
+    info = {**write_token_shard(staged, samples), "name": name, "skipped": dict(skipped), "converted": dict(converted)}
+    atomic_write_text(_part_path(directory, index), json.dumps(info))
+    os.replace(staged, directory / name)
     return info
 
 
