@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from movq.config import atomic_write_text  # noqa: E402
 from movq.fid import (  # noqa: E402
     BACKENDS,
     FeatureAccumulator,
@@ -81,11 +82,7 @@ def _extractor(args, device) -> FIDInceptionV3:
 
 
 def _write_json(path: str, results: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def run_fid(args) -> int:
