@@ -195,8 +195,8 @@ def main(argv=None) -> int:
     ar_batches = args.ar_batch_sizes or batches
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    if min(batches + ar_batches + args.steps) < 1 or repeats < 1 or warmup < 0:
-        p.error("batch sizes, steps and repeats must be >= 1")
+    if min(batches + ar_batches + args.steps) < 1 or repeats < 1 or args.decode_batch < 1 or warmup < 0:
+        p.error("batch sizes, steps, repeats and --decode-batch must be >= 1, --warmup >= 0")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

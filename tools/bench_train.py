@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:  # the median needs one timed step
+        p.error("--steps must be >= 1 and --warmup >= 0")
 
     from movq.trainer import TokenizerTrainer
 
