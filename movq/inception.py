@@ -82,12 +82,13 @@ def resize_bilinear_tf1(x: Tensor, size: tuple[int, int]) -> Tensor:
     x_lo, x_hi, dx = _tf1_source_coords(x.shape[3], out_w, x.device)
     dx = dx.to(x.dtype).view(1, 1, 1, out_w)
     dy = dy.to(x.dtype).view(1, 1, out_h, 1)
-    top_rows = x.index_select(2, y_lo)  # [B, C, out_h, W]
-    bottom_rows = x.index_select(2, y_hi)
-    top = top_rows.index_select(3, x_lo) + (top_rows.index_select(3, x_hi) - top_rows.index_select(3, x_lo)) * dx
-    bottom = bottom_rows.index_select(3, x_lo) + (
-        bottom_rows.index_select(3, x_hi) - bottom_rows.index_select(3, x_lo)
-    ) * dx
+
+    def along_width(rows: Tensor) -> Tensor:  # [B, C, out_h, W] -> [B, C, out_h, out_w]
+        left = rows.index_select(3, x_lo)
+        return left + (rows.index_select(3, x_hi) - left) * dx
+
+    top = along_width(x.index_select(2, y_lo))
+    bottom = along_width(x.index_select(2, y_hi))
     return top + (bottom - top) * dy
 
 
