@@ -44,6 +44,7 @@ from movq.data import (  # noqa: E402
     expand_shards,
     folder_classes,
     iter_tar,
+    _FolderSource,
     list_images,
     load_image,  # centre crop, as for validation
     read_manifest,
@@ -113,24 +114,15 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if source == "folder":
-        root = Path(data).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
-        files = list_images(root)
-        if not files:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTS)}) under {root}")
-        classes = folder_classes(root) if labels is not False else None
-        if labels and not classes:
-            raise ValueError(f"labels requested but {root} has no class sub-folders")
-        index = {c: i for i, c in enumerate(classes or [])}
-        items = []
-        for f in files:
-            top = f.split("/", 1)[0]
-            if classes and ("/" not in f or top not in index):
-                raise ValueError(f"{root / f}: not in a class sub-folder of {classes[:5]}...")
-            items.append((f, index[top] if classes else -1))
+        if labels is None:  # class sub-folders give labels when there are any
+            root = Path(data).expanduser()
+            labels = root.is_dir() and folder_classes(root) is not None
+        # The training loader's folder listing and labelling: same files, checks and messages.
+        src = _FolderSource(data, labels)
+        items = list(zip(src.files, src.labels.tolist()))
         chunks = [Chunk(j, files=items[s : s + shard_size]) for j, s in enumerate(range(0, len(items), shard_size))]
-        return InputPlan(source, str(root), chunks, list(classes or []), "folder" if classes else None)
+        return InputPlan(source, str(src.root), chunks, list(src.classes) if labels else [],
+                         "folder" if labels else None)
     if source == "builtin":
         from movq.config import DataConfig
         from movq.data import BUILTIN_TRAIN_PHOTOS, builtin_dataset
