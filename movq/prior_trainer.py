@@ -111,6 +111,8 @@ def save_prior(model: MaskGIT, cfg: PriorConfig, directory: Union[str, os.PathLi
 def resolve_prior(path: Union[str, os.PathLike], prefer: str = "ema") -> Path:
     """A :func:`save_prior` folder from itself, a checkpoint folder (``ema/`` or ``model/``, in the
     order ``prefer`` says) or a run folder (its newest checkpoint)."""
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
