@@ -43,6 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from movq.config import atomic_write_text  # noqa: E402
+
 log = logging.getLogger("sample")
 
 GRID_MAX = 64  # images in --grid
@@ -175,9 +177,7 @@ def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
                     "pass --overwrite to replace them, or use a new folder")
         for stale in existing + [out / "samples.npz", *out.glob("tokens/*.npy")]:
             stale.unlink(missing_ok=True)
-    tmp = path.with_name(f"{SPEC_NAME}.tmp")
-    tmp.write_text(json.dumps(spec, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(spec, indent=1))
     return None
 
 
