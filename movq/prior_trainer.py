@@ -277,14 +277,12 @@ class PriorTrainer(TrainLoop):
     def _optimizer_step(self, logs: dict) -> bool:
         acc, t = self.acc, self.cfg.train
         norm = acc.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        ok = self.guard.check(logs["loss"], norm)
+        ok = self._step_ok(logs["loss"], norm)
         if ok:
             self.opt.step()
             self.sched.step()
             if self.ema is not None:
                 self.ema.update(self.prior)
-        else:
-            acc.print(f"step {self.step}: non-finite loss or gradient, step skipped ({self.guard.in_a_row} in a row)")
         self.opt.zero_grad(set_to_none=True)
         logs["grad_norm"] = norm
         return ok

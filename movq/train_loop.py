@@ -114,7 +114,7 @@ class TrainLoop:
     def _optimizer_step(self, logs: dict) -> bool:
         """Clip the gradients, check ``logs["loss"]`` and the norms with ``self.guard``, step the
         optimizers, schedulers and EMA when finite, zero the gradients; adds the gradient norms to
-        ``logs``. Returns False when the step was skipped."""
+        ``logs``. Returns False when the step was skipped (``_step_ok`` checks and reports)."""
         raise NotImplementedError
 
     def _lr(self) -> float:
@@ -155,6 +155,13 @@ class TrainLoop:
     def _summary_extra(self) -> dict:
         """More entries for ``fit()``'s summary, after ``bad_steps``; called on every rank."""
         return {}
+
+    def _step_ok(self, *values) -> bool:
+        """``self.guard.check(*values)`` for ``_optimizer_step``, saying so when the step is skipped."""
+        if self.guard.check(*values):
+            return True
+        self.acc.print(f"step {self.step}: non-finite loss or gradient, step skipped ({self.guard.in_a_row} in a row)")
+        return False
 
     # ------------------------------------------------------------------ checkpoints
     def _write_extra(self, folder: Path) -> None:

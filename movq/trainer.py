@@ -133,7 +133,7 @@ class TokenizerTrainer(TrainLoop):
         gan = "d_total" in logs
         norm_g = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         norm_d = acc.clip_grad_norm_(self.disc.parameters(), max_norm) if gan else None
-        ok = self.guard.check(logs["loss"], norm_g, logs.get("d_total"), norm_d)
+        ok = self._step_ok(logs["loss"], norm_g, logs.get("d_total"), norm_d)
         if ok:
             self.opt_g.step()
             self.sched_g.step()
@@ -142,8 +142,6 @@ class TokenizerTrainer(TrainLoop):
                 self.sched_d.step()
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model))
-        else:
-            acc.print(f"step {self.step}: non-finite loss or gradient, step skipped ({self.guard.in_a_row} in a row)")
         self.opt_g.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         logs["grad_norm"] = norm_g
