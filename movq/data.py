@@ -99,9 +99,9 @@ def decode_image(data: bytes, min_size: int = 0) -> tuple[Image.Image, Optional[
         raise SkipSample(reason, f"{type(e).__name__}: {e}") from None
     if img.width == 0 or img.height == 0:
         raise SkipSample("empty")
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not cost the image; keep it unrotated
+    try:  # in place: without an orientation tag the default would copy every image
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # a broken EXIF block must not cost the image; keep it as it is
         pass
     return _to_rgb(img)
 
