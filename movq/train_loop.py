@@ -56,6 +56,9 @@ class TrainLoop:
         t = cfg.train
         if t.grad_accum < 1 or t.max_steps < 0:
             raise ValueError("train.grad_accum must be ≥ 1 and train.max_steps ≥ 0")
+        if min(t.log_every, t.eval_every, t.save_every) < 1:  # fit() takes the step modulo each
+            raise ValueError(f"train.log_every, train.eval_every and train.save_every must be ≥ 1, "
+                             f"got {t.log_every}, {t.eval_every}, {t.save_every}")
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(t, t.run_dir)
         self.run = RunDir(t.run_dir, self.acc.is_main_process)
