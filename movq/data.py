@@ -303,9 +303,14 @@ class ImageStream(IterableDataset):
         return arr, conversions
 
 
+def images_from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1] (a channels-last strided view's copy;
+    the inverse of ``movq.visualize.to_uint8``)."""
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def _collate(images, labels, keys, skipped: Counter, converted: Counter) -> dict:
-    x = torch.from_numpy(np.stack(images))  # [B, S, S, 3] uint8
-    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # [B, 3, S, S] in [-1, 1]
+    x = images_from_uint8(torch.from_numpy(np.stack(images))).contiguous()  # [B, 3, S, S] in [-1, 1]
     return {"image": x, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
             "skipped": dict(skipped), "converted": dict(converted)}
 

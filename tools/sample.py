@@ -131,7 +131,7 @@ def _write_png(array: np.ndarray, path: Path) -> None:
 
 def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     """(image [1, 3, S, S] in [-1, 1], tokens [1, C, h, w], known bool [h, w], box in crop pixels)."""
-    from movq.data import SkipSample, crop_square, decode_image
+    from movq.data import SkipSample, crop_square, decode_image, images_from_uint8
     from movq.sampling import box_mask
 
     path = Path(args.edit)
@@ -156,7 +156,7 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     if box[2] <= box[0] or box[3] <= box[1]:
         raise SampleError(f"--box {args.box} lies outside the centre square ({left}, {top}, {left + side}, {top + side}) that is edited")
     crop, _ = crop_square(img, size)
-    x = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+    x = images_from_uint8(torch.from_numpy(np.array(crop, dtype=np.uint8))[None]).to(device)
     with torch.no_grad():
         tokens = tokenizer.encode(x).indices
     known = box_mask(hw[0], hw[1], box, image_size=size, inside=not args.outpaint).to(device)
@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from movq.data import images_from_uint8
     from movq.prior_trainer import (
         WEIGHTS_NAME, decode_tokens, grid_columns, load_decoder, load_prior, resolve_prior, rows_of, shade_cells,
     )
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
     np.savez(tmp, arr_0=arrays)
     os.replace(tmp, out / "samples.npz")
     if args.grid:
-        grid = torch.from_numpy(arrays[:GRID_MAX]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        grid = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
         columns = grid_columns(nc if args.class_label is None else 0)  # one class per column
         save_grid(rows_of(grid, columns), out / "grid.png")
     if args.steps_strip:
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
         x, tokens, known, _ = edit
         source = x.cpu().float().clamp(-1, 1)
         recon = to_images(tokens).cpu()  # the tokenizer's ceiling: what the known tokens decode to
-        results = torch.from_numpy(arrays[:GRID_MAX]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        results = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
         first = torch.cat([source, recon, shade_cells(recon, known[None].cpu())])
         save_grid([first, *rows_of(results, 8)], out / "edit.png")
         np.savez(out / "edit_source.npz", tokens=tokens[0].cpu().numpy().astype(np.uint16), known=known.cpu().numpy())

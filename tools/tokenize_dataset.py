@@ -43,6 +43,7 @@ from movq.data import (  # noqa: E402
     SkipSample,
     expand_shards,
     folder_classes,
+    images_from_uint8,
     iter_tar,
     _FolderSource,
     list_images,
@@ -208,7 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _encode(model, arrays: list, device, bf16: bool) -> np.ndarray:
     """uint8 [B, S, S, 3] → uint16 tokens [B, C, h, w]."""
-    x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = images_from_uint8(torch.from_numpy(np.stack(arrays)).to(device))  # moved as uint8: a quarter of the bytes
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         idx = model.encode(x).indices
     return idx.to("cpu", torch.int32).numpy().astype(np.uint16)
