@@ -304,8 +304,8 @@ class ImageStream(IterableDataset):
 
 
 def images_from_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1] (a channels-last strided view's copy;
-    the inverse of ``movq.visualize.to_uint8``)."""
+    """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1], the inverse of
+    ``movq.visualize.to_uint8``. The result keeps the input's channels-last strides (not contiguous)."""
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
