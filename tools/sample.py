@@ -316,7 +316,7 @@ def main(argv=None) -> int:
             "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
             "checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "seed": args.seed, **opts, **guidance,
             "class_label": args.class_label, "edit": args.edit, "box": args.box, "outpaint": args.outpaint}
-    (out / "sampling.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(out / "sampling.json", json.dumps(info, indent=1))
     rate = f"{made_all / seconds:.1f} images/s" if made_all and seconds > 0 else "nothing new to sample"
     print(f"{n} samples in {out} (samples.npz: {arrays.shape}); {made_all} generated in {seconds:.1f} s, {rate}")
     return 0
