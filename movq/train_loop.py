@@ -249,11 +249,12 @@ class TrainLoop:
                     self.run.log_metrics(self.step, "eval", last_eval)
                     acc.log({k: v for k, v in last_eval.items() if not isinstance(v, str)}, step=self.step)
                 self._after_step(last_eval)
-                if self.step % t.save_every == 0 or self.step == t.max_steps:
+                saved = self.step % t.save_every == 0 or self.step == t.max_steps
+                if saved:
                     self.save()
                 if stop.should_stop(acc.device):
                     acc.print(f"stopping at step {self.step} on request")
-                    if self.step % t.save_every != 0 and self.step != t.max_steps:
+                    if not saved:
                         self.save()
                     break
             # Inside the try: the summary may gather over ranks, before end_training ends the group.
