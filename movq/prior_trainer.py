@@ -348,8 +348,9 @@ class PriorTrainer(TrainLoop):
         bs = self.cfg.data.batch_size
         # The reference: decoded training tokens (the tokenizer's ceiling), made once when the file
         # is missing; the generator is not consumed when the file exists.
-        real = (decode_tokens(self.tokenizer, self.data.take(slice(i, i + bs))["tokens"].to(acc.device))
-                for i in range(0, min(n, len(self.data)), bs))
+        n_real = min(n, len(self.data))
+        real = (decode_tokens(self.tokenizer, self.data.take(slice(i, min(i + bs, n_real)))["tokens"].to(acc.device))
+                for i in range(0, n_real, bs))
         self.fid.ensure_reference(real)
 
         def fakes():
