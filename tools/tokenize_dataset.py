@@ -153,8 +153,14 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
 def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[bytes], int, Optional[str]]]:
     """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order."""
     if chunk.files is not None:
+        taken: set[str] = set()
         for rel, label in chunk.files:
             key = sanitize_key(rel.rpartition(".")[0] or rel)
+            # a.jpg beside a.png (or a.b.png beside a_b.png) must not share a key: the tar reader
+            # would merge their members into one sample and lose the other.
+            while key in taken:
+                key += "_"
+            taken.add(key)
             try:
                 yield key, (Path(plan.root) / rel).read_bytes(), label, None
             except OSError:
