@@ -149,8 +149,8 @@ def pack_folder(
             if (i + 1) % 10000 == 0:
                 log(f"  {i + 1}/{len(files)} files, {written} packed")
     finally:
-        if pool:
-            pool.close()
+        if pool:  # every result is in, or an error ends the run: either way stop, don't wait for queued files
+            pool.terminate()
             pool.join()
     shards = writer.close()
     if not shards:
