@@ -181,6 +181,10 @@ def read_token_manifest(directory: Union[str, os.PathLike]) -> dict:
     for key in ("channels", "height", "width", "codebook_size", "shards", "classes"):
         if key not in m:
             raise TokenDataError(f"{path}: key '{key}' missing")
+    shards = m["shards"]
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys()
+                                               for s in shards):
+        raise TokenDataError(f"{path}: 'shards' must be a list of {{name, count, sha256}} entries")
     return m
 
 
