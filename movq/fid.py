@@ -228,7 +228,7 @@ def compute_source_stats(
         acc.update(extractor(batch))
         pending.clear()
 
-    total = source.total if max_images is None or source.total is None else min(source.total, max_images)
+    total = source.expected(max_images)
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -236,8 +236,6 @@ def compute_source_stats(
         share = None if total is None else -(-total // world)
         bar = tqdm(total=share, desc=f"FID {source.spec}", unit="img", dynamic_ncols=True)
     for img in source.iterate(report, rank, world, max_images):
-        report.images += 1
-        report.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
         pending.append(np.require(img, requirements=["C", "W"]))  # torch wants writable, contiguous
         if len(pending) == batch_size:
             flush()

@@ -14,6 +14,7 @@ is itself a source; :mod:`movq.fid` re-exports every name.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -153,10 +154,11 @@ def array_to_rgb(arr: np.ndarray, report: Optional[SourceReport] = None) -> np.n
 class ImageSource:
     """Images of a folder, webdataset shards or an ``.npz`` (``arr_0``); see :func:`open_source`.
 
-    ``iterate(rank, world)`` yields uint8 [H, W, 3] arrays for the global positions ``i`` with
-    ``i % world == rank`` (and ``i < max_images``), so ranks see disjoint slices; others are
+    ``iterate(report, rank, world)`` yields uint8 [H, W, 3] arrays for the global positions ``i``
+    with ``i % world == rank`` (and ``i < max_images``), so ranks see disjoint slices; others are
     skipped without decoding. Positions count entries (files, npz rows, image members), so an
-    unreadable entry within the first ``max_images`` is skipped, not replaced.
+    unreadable entry within the first ``max_images`` is skipped, not replaced. Every image yielded
+    is counted in ``report`` (``images``, ``sizes``), as skips and conversions are.
     """
 
     def __init__(self, spec: str, kind: str, paths: list[Path], total: Optional[int] = None):
@@ -167,16 +169,21 @@ class ImageSource:
     def new_report(self) -> SourceReport:
         return SourceReport(self.spec, self.kind)
 
+    def expected(self, max_images: Optional[int] = None) -> Optional[int]:
+        """Entries ``iterate`` visits over all ranks, for progress bars; None when unknown (shards)."""
+        return self.total if max_images is None or self.total is None else min(self.total, max_images)
+
     def iterate(
         self, report: SourceReport, rank: int = 0, world: int = 1, max_images: Optional[int] = None
     ) -> Iterator[np.ndarray]:
         limit = max_images if max_images is not None else float("inf")
-        if self.kind == "folder":
-            yield from self._folder(report, rank, world, limit)
-        elif self.kind == "npz":
-            yield from self._npz(report, rank, world, limit)
-        else:
-            yield from self._shards(report, rank, world, limit)
+        read = {"folder": self._folder, "npz": self._npz, "shards": self._shards}[self.kind]
+        # closing(): a consumer that stops early closes the reader's open zip / tar file at once
+        with contextlib.closing(read(report, rank, world, limit)) as images:
+            for img in images:
+                report.images += 1
+                report.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+                yield img
 
     def _folder(self, report, rank, world, limit):
         for i in range(rank, min(len(self.paths), limit), world):

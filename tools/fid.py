@@ -181,13 +181,11 @@ def run_tokenizer(args) -> int:
     if accelerator.is_main_process and not args.no_progress:
         from tqdm.auto import tqdm
 
-        total = source.total if args.max_images is None or source.total is None else min(source.total, args.max_images)
+        total = source.expected(args.max_images)
         bar = tqdm(total=None if total is None else -(-total // accelerator.num_processes), unit="img",
                    desc=f"reconstruct {args.sources[0]}", dynamic_ncols=True)
     batch: list = []
     for img in source.iterate(report, accelerator.process_index, accelerator.num_processes, args.max_images):
-        report.images += 1
-        report.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
         batch.append(_center_square(img, size))
         if len(batch) == args.batch_size:
             step(batch)
