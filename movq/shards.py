@@ -93,8 +93,13 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
         return None
     try:
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("shards"), list):
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format is not {MANIFEST_FORMAT}")
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys() for s in shards
+        ):
+            raise ValueError("'shards' must be a list of {name, count, sha256} entries")
     except ValueError as e:
         raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
     return manifest
