@@ -150,11 +150,13 @@ class TokenizerTrainer(TrainLoop):
         return ok
 
     # ------------------------------------------------------------------ evaluation
+    def _eval_model(self) -> MoVQ:
+        return self.ema.model if self.ema is not None else self.acc.unwrap_model(self.model)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """PSNR / SSIM / LPIPS / usage / perplexity of the EMA (or live) model on the held-out split."""
-        acc = self.acc
-        model = self.ema.model if self.ema is not None else acc.unwrap_model(self.model)
+        acc, model = self.acc, self._eval_model()
         was_training = model.training
         model.eval()
         metrics = TokenizerMetrics(self.cfg.quantizer.codebook_size, lpips=self.loss_fn.lpips, device=acc.device)
@@ -183,8 +185,7 @@ class TokenizerTrainer(TrainLoop):
         (split over ranks), or None when the Inception weights are absent (logged once)."""
         if self.fid is None or self.fid.extractor() is None:
             return None
-        acc = self.acc
-        model = self.ema.model if self.ema is not None else acc.unwrap_model(self.model)
+        acc, model = self.acc, self._eval_model()
         limit = max(1, self.cfg.train.fid_num_images // acc.num_processes)
 
         def originals():
