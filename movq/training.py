@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -269,6 +268,6 @@ def mean_logs(history: list[dict]) -> dict:
     """Average each logged scalar over the steps since the last log."""
     out: dict = {}
     for key in {k for h in history for k in h}:
-        vals = [float(h[key]) for h in history if key in h]
-        out[key] = sum(vals) / len(vals) if vals else math.nan
+        vals = [float(h[key]) for h in history if key in h]  # never empty: the key came from history
+        out[key] = sum(vals) / len(vals)
     return out
