@@ -21,20 +21,23 @@ from movq.training import NonFiniteError  # noqa: E402
 
 def main(argv=None) -> int:
     args = parse_train_args(argv, __doc__, "YAML config (see configs/)")
-    try:
-        cfg = load_config(TokenizerConfig, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
     from movq.trainer import TokenizerTrainer
 
-    trainer = TokenizerTrainer(cfg)
+    try:
+        cfg = load_config(TokenizerConfig, args.config, args.overrides)
+        trainer = TokenizerTrainer(cfg)  # missing LPIPS weights, bad loop settings: one-line errors
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.fit()
     except NonFiniteError as e:
         trainer.acc.print(f"error: {e}")
         return 3
+    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if trainer.acc.is_main_process:
         ev = summary["eval"]
         body = [
