@@ -213,8 +213,16 @@ class StepGuard:
         self.total = 0
 
     def check(self, *values: torch.Tensor) -> bool:
-        """True if every value is finite (the step may proceed); else count a skip."""
+        """True if every value is finite on every rank (the step may proceed); else count a skip.
+
+        The verdict is agreed across ranks: a loss that is non-finite on one rank only must not let
+        that rank skip an update the others take, or their weights would drift apart."""
         ok = all(bool(torch.isfinite(v).all()) for v in values if v is not None)
+        if is_distributed():
+            device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+            flag = torch.tensor([1.0 if ok else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item() > 0)
         if ok:
             self.in_a_row = 0
             return True
