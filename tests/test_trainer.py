@@ -209,7 +209,7 @@ def test_two_process_cpu_run(tmp_path, cache):
 
     save_config(cfg, tmp_path / "cfg.yaml")
     (tmp_path / "script.py").write_text(TWO_RANK_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
