@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Optional, Sequence
 
 from accelerate import Accelerator
@@ -38,3 +39,27 @@ def summary_banner(summary: dict, accelerator: Accelerator, body: Sequence[str],
         f" checkpoint:   {summary['checkpoint']}  ({checkpoint_hint})",
         rule,
     ])
+
+
+def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
+    """Load the config, build the trainer and fit; returns ``(trainer, summary, exit_code)``.
+
+    Bad configs, missing files and bad settings are one ``error:`` line and exit code 2 (``trainer``
+    and ``summary`` are then None where not built); too many non-finite steps in a row give 3."""
+    from movq.config import ConfigError, load_config
+    from movq.training import NonFiniteError
+
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        trainer = trainer_cls(cfg)  # missing LPIPS / token files, bad loop settings: one-line errors
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, None, 2
+    try:
+        return trainer, trainer.fit(), 0
+    except NonFiniteError as e:
+        trainer.acc.print(f"error: {e}")
+        return trainer, None, 3
+    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return trainer, None, 2

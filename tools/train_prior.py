@@ -16,9 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from movq.config import ConfigError, load_config  # noqa: E402
-from _train_cli import parse_train_args, summary_banner  # noqa: E402 (tools/ is on sys.path)
-from movq.training import NonFiniteError  # noqa: E402
+from _train_cli import build_and_fit, parse_train_args, summary_banner  # noqa: E402 (tools/ is on sys.path)
 
 
 def main(argv=None) -> int:
@@ -26,20 +24,9 @@ def main(argv=None) -> int:
 
     from movq.prior_trainer import PriorConfig, PriorTrainer
 
-    try:
-        cfg = load_config(PriorConfig, args.config, args.overrides)
-        trainer = PriorTrainer(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = trainer.fit()
-    except NonFiniteError as e:
-        trainer.acc.print(f"error: {e}")
-        return 3
-    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer, summary, code = build_and_fit(PriorConfig, PriorTrainer, args)
+    if code:
+        return code
     if trainer.acc.is_main_process:
         ev, m = summary["eval"], trainer.cfg.model
         kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"

@@ -14,9 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from movq.config import ConfigError, TokenizerConfig, load_config  # noqa: E402
-from _train_cli import parse_train_args, summary_banner  # noqa: E402 (tools/ is on sys.path)
-from movq.training import NonFiniteError  # noqa: E402
+from movq.config import TokenizerConfig  # noqa: E402
+from _train_cli import build_and_fit, parse_train_args, summary_banner  # noqa: E402 (tools/ is on sys.path)
 
 
 def main(argv=None) -> int:
@@ -24,20 +23,9 @@ def main(argv=None) -> int:
 
     from movq.trainer import TokenizerTrainer
 
-    try:
-        cfg = load_config(TokenizerConfig, args.config, args.overrides)
-        trainer = TokenizerTrainer(cfg)  # missing LPIPS weights, bad loop settings: one-line errors
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = trainer.fit()
-    except NonFiniteError as e:
-        trainer.acc.print(f"error: {e}")
-        return 3
-    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer, summary, code = build_and_fit(TokenizerConfig, TokenizerTrainer, args)
+    if code:
+        return code
     if trainer.acc.is_main_process:
         ev = summary["eval"]
         body = [
