@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -345,10 +344,8 @@ def test_cli_end_to_end(data, weights, single_run, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.slow
-def test_cli_two_processes_count_each_image_once(data, weights, single_run, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_cli_two_processes_count_each_image_once(data, weights, single_run, tmp_path, free_port):
+    port = free_port
     out = tmp_path / "dist.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -19,6 +19,7 @@ from test_tokens import tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 def make_tokens(out: Path, classes=("a", "b", "c"), n_shards=2, per=12, tokenizer=None) -> Path:
     """Token maps of C=2 × 4×4, K=16 with structure to learn: each cell repeats its class's pattern."""
     rng = np.random.default_rng(0)
@@ -208,7 +209,7 @@ json.dump({"world": trainer.acc.num_processes, "params": flat.tolist()[:500], "s
 
 
 @pytest.mark.slow
-def test_two_process_cpu_tokenize_train_sample(tmp_path, data):
+def test_two_process_cpu_tokenize_train_sample(tmp_path, data, free_port):
     """torchrun with 2 CPU processes: tokenize, train (ranks in sync, disjoint data), sample."""
     import os
     import subprocess
@@ -223,7 +224,7 @@ def test_two_process_cpu_tokenize_train_sample(tmp_path, data):
     (tmp_path / "script.py").write_text(TWO_RANK_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            str(tmp_path / "script.py"), str(ROOT), str(data["tokenizer"]), str(tmp_path / "img"), str(tmp_path)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -25,6 +25,7 @@ from movq.training import NonFiniteError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -103,7 +104,6 @@ def test_nan_loss_is_skipped_then_aborts(tmp_path, cache, monkeypatch):
 
 def test_crash_mid_checkpoint_keeps_previous(tmp_path, cache, monkeypatch):
     fit(tiny_cfg(tmp_path / "a", cache, max_steps=3))
-    calls = {"n": 0}
     original = MoVQ.save_pretrained
 
     def crashing(self, directory):
@@ -203,13 +203,13 @@ json.dump({"world": trainer.acc.num_processes, "keys": seen, "params": flat.toli
 
 
 @pytest.mark.slow
-def test_two_process_cpu_run(tmp_path, cache):
+def test_two_process_cpu_run(tmp_path, cache, free_port):
     cfg = tiny_cfg(tmp_path / "run", cache, max_steps=3, grad_accum=1, eval_every=3)
     from movq.config import save_config
 
     save_config(cfg, tmp_path / "cfg.yaml")
     (tmp_path / "script.py").write_text(TWO_RANK_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
