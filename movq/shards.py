@@ -3,7 +3,8 @@
 Reference: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
 share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample). Writing (``ShardWriter``: fixed tar
 headers, ``add_member``, so equal input gives byte-identical shards and checksums; ``write_manifest``) and
-reading (``read_manifest``, ``expand_shards`` for brace patterns, ``iter_tar`` per sample).
+reading (``read_manifest``; ``read_manifests``, ``manifest_counts`` and ``manifest_classes`` for
+shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample).
 Decoding the samples and streaming them to ranks is ``movq.data``'s job.
 """
 from __future__ import annotations
@@ -103,6 +104,44 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
     except ValueError as e:
         raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
     return manifest
+
+
+def read_manifests(shards: Sequence[str]) -> dict[Path, dict]:
+    """The manifest of each distinct folder holding ``shards``, by folder in first-seen order;
+    folders without a ``manifest.json`` are left out. A pattern may span several folders, and
+    each folder's manifest describes only its own shards."""
+    manifests = {}
+    for folder in dict.fromkeys(Path(s).parent for s in shards):
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            manifests[folder] = manifest
+    return manifests
+
+
+def manifest_counts(manifests: dict[Path, dict]) -> dict[Path, int]:
+    """Samples per shard, keyed by the shard's path (folder / name), so equal shard names in
+    different folders stay apart."""
+    return {folder / s["name"]: s["count"] for folder, m in manifests.items() for s in m["shards"]}
+
+
+def manifest_classes(manifests: dict[Path, dict]) -> Optional[list[str]]:
+    """The class names the manifests list (None if none does). Every manifest that lists classes
+    must list the same ones, as a label means one class across all shards: ValueError otherwise,
+    naming two folders that differ."""
+    first, classes = None, None
+    for folder, m in manifests.items():
+        listed = m.get("classes") or None
+        if listed is None:
+            continue
+        if classes is None:
+            first, classes = folder, list(listed)
+        elif list(listed) != classes:
+            raise ValueError(
+                f"the shard manifests of {first} and {folder} list different classes "
+                f"({classes[:5]}... vs {list(listed)[:5]}...): labels would mean different classes; "
+                f"use shards made with the same class list"
+            )
+    return classes
 
 
 def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from movq.shards import expand_shards, iter_tar, read_manifest
+from movq.shards import expand_shards, iter_tar, manifest_classes, manifest_counts, read_manifests
 
 logger = logging.getLogger(__name__)
 
@@ -178,15 +178,15 @@ class _ShardSource:
         self.pattern = pattern
         self.shards = expand_shards(pattern)
         self.want_labels = labels
-        manifest = read_manifest(Path(self.shards[0]).parent)
-        self.count, self.classes = None, None
-        if manifest is not None:
-            counts = {s["name"]: s["count"] for s in manifest["shards"]}
-            if all(Path(u).name in counts for u in self.shards):
-                self.count = sum(counts[Path(u).name] for u in self.shards)
-            self.classes = manifest.get("classes") or None
-            if labels and not self.classes:
-                raise ValueError(f"labels requested but the manifest of {pattern} lists no classes")
+        # Shards may lie in several folders, each with its own manifest (or none).
+        manifests = read_manifests(self.shards)
+        counts = manifest_counts(manifests)
+        self.count = None  # known only when a manifest lists every shard
+        if all(Path(u) in counts for u in self.shards):
+            self.count = sum(counts[Path(u)] for u in self.shards)
+        self.classes = manifest_classes(manifests)
+        if labels and manifests and not self.classes:
+            raise ValueError(f"labels requested but no manifest of {pattern} lists classes")
 
     def describe(self) -> str:
         return str(self.pattern)

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -99,6 +100,40 @@ def test_make_shards_round_trip(tmp_path):
 
     (out / "shard-000001.tar").write_bytes(b"tampered")
     assert make_shards.main(["--verify", str(out)]) == 1
+
+
+def _pack(tmp_path, name, per_class, classes=("cat", "dog")):
+    """``per_class`` PNGs in each class sub-folder, packed (one shard) into tmp_path/name."""
+    src = tmp_path / f"{name}_src"
+    for c, cls in enumerate(classes):
+        (src / cls).mkdir(parents=True)
+        for i in range(per_class):
+            _rgb(100 * c + i, 32, 32).save(src / cls / f"{name}{i}.png")
+    make_shards.pack_folder(src, tmp_path / name, size=32, fmt="png", labels=True, log=lambda *a: None)
+    return str(tmp_path / name / "shard-000000.tar")
+
+
+def test_shards_in_several_folders(tmp_path):
+    """Each folder's manifest counts its own shards (the same shard name in both folders stays
+    apart) and gives the classes; manifests listing other classes are refused."""
+    a, b = _pack(tmp_path, "a", 2), _pack(tmp_path, "b", 1)  # 4 and 2 samples, both shard-000000.tar
+    cfg = DataConfig(source="shards", train=f"{a}::{b}", val=f"{b}::{a}", image_size=32, batch_size=1,
+                     num_workers=0)
+    assert build_dataset(cfg, "train").steps_per_epoch == 6
+    assert num_classes(cfg) == 2
+    val = _batches(cfg, "val", labels=True)
+    assert sorted(int(v) for x in val for v in x["label"]) == [0, 0, 0, 1, 1, 1]
+    # a folder without a manifest: no count, the other folder's classes
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "shard-000000.tar").write_bytes(Path(b).read_bytes())
+    cfg.train = cfg.val = f"{a}::{tmp_path / 'c' / 'shard-000000.tar'}"
+    assert build_dataset(cfg, "val", labels=True).num_classes == 2
+    with pytest.raises(ValueError, match="epoch_length must be set"):
+        build_dataset(cfg, "train")
+    cfg.train = f"{a}::{_pack(tmp_path, 'd', 1, classes=('ant', 'dog'))}"
+    differ = f"manifests of {tmp_path / 'a'} and {tmp_path / 'd'} list different classes"
+    with pytest.raises(ValueError, match=re.escape(differ)):
+        build_dataset(cfg, "train")
 
 
 def test_make_shards_skips_bad_files(tmp_path, capsys):

@@ -137,6 +137,26 @@ def test_builtin_pseudo_labels(tmp_path, tok):
     assert (TokenDataset(tmp_path / "u").labels == -1).all()
 
 
+def test_plan_shards_in_several_folders(tmp_path):
+    """Classes come from every folder's manifest, not only the first shard's folder."""
+    from movq.shards import ShardWriter, write_manifest
+
+    for name, classes in (("a", None), ("b", ["cat", "dog"]), ("c", ["ant", "bee"])):
+        w = ShardWriter(tmp_path / name)
+        w.write("k", {"png": b"", "cls": b"0"})
+        if classes is None:
+            w.close()  # no manifest
+        else:
+            write_manifest(tmp_path / name, w.close(), classes=classes)
+    a, b, c = (tmp_path / n / "shard-000000.tar" for n in "abc")
+    plan = tokenize_dataset.plan_inputs("shards", f"{a}::{b}")
+    assert plan.classes == ["cat", "dog"] and plan.label_from == "cls"
+    assert [ch.shard for ch in plan.chunks] == [str(a), str(b)]
+    with pytest.raises(ValueError, match="list different classes"):
+        tokenize_dataset.plan_inputs("shards", f"{a}::{b}::{c}")
+    assert tokenize_dataset.plan_inputs("shards", f"{b}::{c}", labels=False).classes == []
+
+
 def _synthetic(out: Path, n_shards: int = 3, per: int = 5, shape=(2, 4, 4), k: int = 16) -> np.ndarray:
     """Token shards + manifest written directly; every sample unique (its index in token 0)."""
     from movq.tokens import finish_shard, prepare_output, write_token_manifest

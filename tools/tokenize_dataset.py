@@ -48,8 +48,8 @@ from movq.data import (  # noqa: E402
     _FolderSource,
     list_images,
     load_image,  # centre crop, as for validation
-    read_manifest,
 )
+from movq.shards import manifest_classes, read_manifests  # noqa: E402
 from movq.tokens import (  # noqa: E402
     MAX_CODEBOOK,
     TOKENS_FORMAT,
@@ -142,8 +142,8 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
     if not shards:
         raise FileNotFoundError(f"no .tar shards in {folder}")
 
-    manifest = read_manifest(Path(shards[0]).parent)
-    classes = list((manifest or {}).get("classes") or []) if labels is not False else []
+    manifests = read_manifests(shards)  # one per folder: a pattern may span several
+    classes = (manifest_classes(manifests) or []) if labels is not False else []
     if labels and not classes:
         raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes")
     return InputPlan(source, data, [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
