@@ -157,6 +157,34 @@ def test_plan_shards_in_several_folders(tmp_path):
     assert tokenize_dataset.plan_inputs("shards", f"{b}::{c}", labels=False).classes == []
 
 
+def test_unreadable_input_shard_fails_clearly(tmp_path, tok, capsys):
+    """A shard unreadable from its start is an error naming it, with no token shard for it (as
+    the training loader refuses it); bad images inside a readable shard are skipped and counted."""
+    from movq.shards import ShardWriter
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(png, "PNG")
+    w = ShardWriter(tmp_path / "in", maxcount=3)
+    for i in range(3):
+        w.write(f"s{i}", {"png": png.getvalue() if i else b"\x89PNG broken"})
+    w.close()
+    good = (tmp_path / "in" / "shard-000000.tar").read_bytes()
+    bad = tmp_path / "in" / "shard-000001.tar"
+    out = tmp_path / "tokens"
+    for content in (b"", b"not a tar file" * 100, good[:300]):  # empty, junk, truncated in the first header
+        bad.write_bytes(content)
+        assert run_tool("--tokenizer", tok, tmp_path / "in", out) == 2
+        assert f"error: input shard {bad} is unreadable" in capsys.readouterr().err
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [  # nothing for the bad one
+            ".parts", ".parts/spec.json", ".parts/tokens-000000.json", "tokens-000000.tar"]
+    # Breaking off inside the third member (a header and one data block each: the PNG is < 512
+    # bytes) keeps the two samples before it.
+    bad.write_bytes(good[: 5 * 512 + 50])
+    assert run_tool("--tokenizer", tok, tmp_path / "in", out) == 0
+    m = read_token_manifest(out)
+    assert m["count"] == 3 and m["skipped"] == {"corrupt": 2, "truncated_shard": 1}
+
+
 def _synthetic(out: Path, n_shards: int = 3, per: int = 5, shape=(2, 4, 4), k: int = 16) -> np.ndarray:
     """Token shards + manifest written directly; every sample unique (its index in token 0)."""
     from movq.tokens import finish_shard, prepare_output, write_token_manifest

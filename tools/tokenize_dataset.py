@@ -15,7 +15,8 @@ Images are centre-cropped to the largest square and resized to S (default: the t
 resolution), as for validation. Each output shard (OUT/tokens-NNNNNN.tar, see movq/tokens.py) is
 written atomically by rank ``N % world_size``; a rerun with the same settings skips the finished
 ones (other settings, e.g. a retrained tokenizer, are refused unless --overwrite), and
-OUT/manifest.json is written once all are done. Unreadable images are skipped and counted per reason.
+OUT/manifest.json is written once all are done. Unreadable images are skipped and counted per reason;
+an input shard unreadable from its start (not a tar, empty, truncated) is an error, as in training.
 """
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ SOURCES = ("builtin", "folder", "shards")
 # --------------------------------------------------------------------------------------
 # Inputs: what gets encoded, in chunks
 # --------------------------------------------------------------------------------------
+class UnreadableShard(RuntimeError):
+    """An input shard that breaks off before its first sample (not a tar, empty, truncated)."""
+
+
 @dataclass
 class Chunk:
     """One output shard's worth of input: image files of a folder, or one input shard."""
@@ -151,7 +156,10 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
 
 
 def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[bytes], int, Optional[str]]]:
-    """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order."""
+    """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order.
+
+    A shard that breaks off after some samples gives those plus one ``truncated_shard`` skip; one
+    that yields no sample at all raises ``UnreadableShard`` (nothing is written for it)."""
     if chunk.files is not None:
         taken: set[str] = set()
         for rel, label in chunk.files:
@@ -166,8 +174,10 @@ def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[by
             except OSError:
                 yield key, None, label, "io_error"
         return
+    n = 0
     try:
         for key, members in iter_tar(chunk.shard):
+            n += 1
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             label, skip = -1, None if ext else "not_image"
             if plan.label_from == "cls":
@@ -184,6 +194,8 @@ def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[by
                     skip = "bad_label"
             yield sanitize_key(key), members.get(ext) if ext else None, label, skip
     except (tarfile.TarError, OSError, EOFError) as e:
+        if n == 0:  # as in the training loader: an error, not an empty token shard
+            raise UnreadableShard(f"input shard {chunk.shard} is unreadable: {type(e).__name__}: {e}") from None
         log.warning("input shard %s breaks off (%s); using the samples before it", chunk.shard, e)
         yield f"{chunk.index:06d}_tail", None, -1, "truncated_shard"
 
@@ -257,7 +269,7 @@ def encode_chunk(plan, chunk, model, args, size: int, device, pool) -> tuple[lis
 
 def _message(e: Exception) -> str:
     """Our own errors already name the file; others get their type prepended."""
-    if isinstance(e, (FileNotFoundError, TokenDataError, SkipSample)):
+    if isinstance(e, (FileNotFoundError, TokenDataError, SkipSample, UnreadableShard)):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -323,7 +335,13 @@ def main(argv=None) -> int:
     t0, n_images = time.time(), 0
     with ThreadPoolExecutor(args.workers) as pool:
         for chunk in mine:
-            samples, skipped, converted = encode_chunk(plan, chunk, model, args, size, acc.device, pool)
+            try:
+                samples, skipped, converted = encode_chunk(plan, chunk, model, args, size, acc.device, pool)
+            except UnreadableShard as e:  # the shards finished so far stay: a rerun resumes after a fix
+                if progress is not None:
+                    progress.close()
+                print(f"error: {_message(e)}", file=sys.stderr)
+                return 2
             finish_shard(args.out, chunk.index, samples, skipped, converted)
             n_images += len(samples)
             if progress is not None:
