@@ -36,7 +36,7 @@ from movq.maskgit import MaskGIT, MaskGITConfig
 from movq.sampling import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS, box_mask, generate
 from movq.tokens import TokenDataConfig, TokenDataset, read_token_manifest, resolve_tokenizer
 from movq.train_loop import TrainLoop
-from movq.training import list_checkpoints, load_state_dict, save_state_dict, warmup_lambda
+from movq.training import eval_mode, list_checkpoints, load_state_dict, save_state_dict, warmup_lambda
 from movq.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -308,27 +308,25 @@ class PriorTrainer(TrainLoop):
     def write_pictures(self) -> dict[str, Path]:
         """Rank 0: a grid of samples (one class per column cycle) and an inpainting example."""
         model, s, dev = self._eval_model(), self.cfg.sample, self.acc.device
-        was_training = model.training
-        model.eval()
         out = {}
-        if s.grid_images > 0:
-            labels = class_cycle(s.grid_images, self.cfg.model.num_classes, dev)
-            tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed)
-            out["samples"] = self.run.images / f"samples_{self.step:07d}.png"
-            save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)), out["samples"])
-        n = min(s.inpaint_images, len(self.data))
-        if n > 0:
-            first = self.data.take(slice(0, n))
-            real, labels = first["tokens"].to(dev), self._labels(first)
-            h, w = self.cfg.model.grid_hw
-            box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
-            known = box_mask(h, w, box, image_size=(h, w), inside=True).to(dev)
-            filled = self._sample(model, labels, n, self.cfg.train.seed + 1, tokens=real, known_mask=known)
-            pics = self._pictures(torch.cat([real, filled]))
-            orig, new = pics[:n], pics[n:]
-            out["inpaint"] = self.run.images / f"inpaint_{self.step:07d}.png"
-            save_grid([orig, shade_cells(orig, known[None].cpu()), new], out["inpaint"])
-        model.train(was_training)
+        with eval_mode(model):
+            if s.grid_images > 0:
+                labels = class_cycle(s.grid_images, self.cfg.model.num_classes, dev)
+                tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed)
+                out["samples"] = self.run.images / f"samples_{self.step:07d}.png"
+                save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)), out["samples"])
+            n = min(s.inpaint_images, len(self.data))
+            if n > 0:
+                first = self.data.take(slice(0, n))
+                real, labels = first["tokens"].to(dev), self._labels(first)
+                h, w = self.cfg.model.grid_hw
+                box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
+                known = box_mask(h, w, box, image_size=(h, w), inside=True).to(dev)
+                filled = self._sample(model, labels, n, self.cfg.train.seed + 1, tokens=real, known_mask=known)
+                pics = self._pictures(torch.cat([real, filled]))
+                orig, new = pics[:n], pics[n:]
+                out["inpaint"] = self.run.images / f"inpaint_{self.step:07d}.png"
+                save_grid([orig, shade_cells(orig, known[None].cpu()), new], out["inpaint"])
         return out
 
     @torch.no_grad()
@@ -362,24 +360,15 @@ class PriorTrainer(TrainLoop):
                 seed = t.seed * 1_000_003 + acc.process_index * 7919 + i
                 yield decode_tokens(self.tokenizer, self._sample(model, labels, m, seed))
 
-        was_training = model.training
-        model.eval()
-        value = self.fid.compute(fakes())
-        model.train(was_training)
-        return value
+        with eval_mode(model):
+            return self.fid.compute(fakes())
 
     def evaluate(self) -> dict:
-        """Rank 0 writes the pictures (their paths are returned); at an evaluation step that is also a
-        multiple of ``train.fid_every``, all ranks compute ``fid``."""
-        acc, t = self.acc, self.cfg.train
+        """Rank 0 writes the pictures; their paths are returned (FID: ``TrainLoop._after_step``)."""
         result = {}
-        if acc.is_main_process:
+        if self.acc.is_main_process:
             result.update({k: str(v) for k, v in self.write_pictures().items()})
-        if t.fid_every > 0 and self.step % t.fid_every == 0:
-            fid = self.compute_fid()
-            if fid is not None:
-                result["fid"] = fid
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
         return result
 
     # ------------------------------------------------------------------ logs

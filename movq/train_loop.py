@@ -41,14 +41,16 @@ class TrainLoop:
     ``fit()`` resumes from ``train.resume``, then per optimizer step runs ``train.grad_accum`` calls of
     ``_train_batch`` and one ``_optimizer_step``. Every ``train.log_every`` steps it writes a ``train``
     record (the logs averaged over steps and ranks), every ``train.eval_every`` steps an ``eval``
-    record (``evaluate()``), then calls ``_after_step``, and every ``train.save_every`` steps saves a
-    checkpoint; the last step logs, evaluates and saves. SIGINT / SIGTERM save and stop after the
+    record (``evaluate()``), then ``_after_step`` (a ``fid`` record every ``train.fid_every`` steps),
+    and every ``train.save_every`` steps saves a checkpoint; the last step logs, evaluates and saves. SIGINT / SIGTERM save and stop after the
     current step.
     """
 
     # What one row of a batch is ("images", "samples"): it names the ``<unit>_seen`` counter of
     # trainer_state.json and the ``<unit>_per_s`` rate of the train records.
     unit = "samples"
+    # The key of ``compute_fid()``'s value in the ``fid`` records, ``last_eval`` and the trackers.
+    fid_key = "fid"
 
     # ------------------------------------------------------------------ construction
     def _setup(self, cfg: Any, accelerator: Optional[Accelerator]) -> None:
@@ -137,8 +139,20 @@ class TrainLoop:
         """Put every trained module in training mode before the loop."""
         self.model.train()
 
+    def compute_fid(self) -> Optional[float]:
+        """FID of the model's outputs on every rank (None when it cannot be computed, e.g. no weights)."""
+        raise NotImplementedError
+
     def _after_step(self, last_eval: dict) -> None:
-        """Called on every rank after each step's evaluation; may add values to ``last_eval``."""
+        """On every rank after each step's evaluation: every ``train.fid_every`` steps ``compute_fid()``,
+        logged as its own ``fid`` record and to the trackers under ``fid_key``, and added to ``last_eval``."""
+        t = self.cfg.train
+        if t.fid_every > 0 and self.step % t.fid_every == 0:
+            fid = self.compute_fid()
+            if fid is not None:
+                last_eval[self.fid_key] = fid
+                self.run.log_metrics(self.step, "fid", {self.fid_key: fid})
+                self.acc.log({self.fid_key: fid}, step=self.step)
 
     def _state_extra(self) -> dict:
         """More loop counters for trainer_state.json."""

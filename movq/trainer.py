@@ -29,7 +29,7 @@ from movq.discriminator import PatchDiscriminator
 from movq.losses import TokenizerLoss
 from movq.metrics import TokenizerMetrics
 from movq.train_loop import TrainLoop
-from movq.training import save_state_dict, warmup_lambda
+from movq.training import eval_mode, save_state_dict, warmup_lambda
 from movq.visualize import save_grid, save_usage_chart
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class TokenizerTrainer(TrainLoop):
     trains to ``train.max_steps``."""
 
     unit = "images"
+    fid_key = "val/rfid"
 
     def __init__(self, cfg: TokenizerConfig, accelerator: Optional[Accelerator] = None):
         self._setup(cfg, accelerator)
@@ -157,26 +158,24 @@ class TokenizerTrainer(TrainLoop):
     def evaluate(self) -> dict:
         """PSNR / SSIM / LPIPS / usage / perplexity of the EMA (or live) model on the held-out split."""
         acc, model = self.acc, self._eval_model()
-        was_training = model.training
-        model.eval()
-        metrics = TokenizerMetrics(self.cfg.quantizer.codebook_size, lpips=self.loss_fn.lpips, device=acc.device)
-        loader = build_dataloader(self.cfg.data, "val", rank=acc.process_index, world_size=acc.num_processes)
-        first = None
-        for batch in loader:
-            x = batch["image"].to(acc.device)
-            with acc.autocast():
-                x_rec, enc = model(x)
-            x_rec = x_rec.float().clamp(-1, 1)
-            metrics.update(x, x_rec, enc.indices)
-            if first is None:
-                first = (x[:GRID_IMAGES].cpu(), x_rec[:GRID_IMAGES].cpu())
-        metrics.all_reduce_()
-        results = metrics.compute()
-        if acc.is_main_process:
-            if first is not None:
-                save_grid(first, self.run.images / f"recon_{self.step:07d}.png")
-            save_usage_chart(metrics.state["code_counts"], self.run.images / f"usage_{self.step:07d}.png")
-        model.train(was_training)
+        with eval_mode(model):
+            metrics = TokenizerMetrics(self.cfg.quantizer.codebook_size, lpips=self.loss_fn.lpips, device=acc.device)
+            loader = build_dataloader(self.cfg.data, "val", rank=acc.process_index, world_size=acc.num_processes)
+            first = None
+            for batch in loader:
+                x = batch["image"].to(acc.device)
+                with acc.autocast():
+                    x_rec, enc = model(x)
+                x_rec = x_rec.float().clamp(-1, 1)
+                metrics.update(x, x_rec, enc.indices)
+                if first is None:
+                    first = (x[:GRID_IMAGES].cpu(), x_rec[:GRID_IMAGES].cpu())
+            metrics.all_reduce_()
+            results = metrics.compute()
+            if acc.is_main_process:
+                if first is not None:
+                    save_grid(first, self.run.images / f"recon_{self.step:07d}.png")
+                save_usage_chart(metrics.state["code_counts"], self.run.images / f"usage_{self.step:07d}.png")
         return {f"val/{k}": v for k, v in results.items() if v is not None}
 
     @torch.no_grad()
@@ -203,22 +202,9 @@ class TokenizerTrainer(TrainLoop):
                     x_rec = model(x)[0]
                 yield x_rec.float().clamp(-1, 1)
 
-        was_training = model.training
-        model.eval()
-        self.fid.ensure_reference(originals())  # computed once, then read from the cache file
-        value = self.fid.compute(reconstructions())
-        model.train(was_training)
-        return value
-
-    def _after_step(self, last_eval: dict) -> None:
-        """rFID every ``train.fid_every`` steps, its own ``fid`` record and ``val/rfid`` in ``last_eval``."""
-        t = self.cfg.train
-        if t.fid_every > 0 and self.step % t.fid_every == 0:
-            fid = self.compute_fid()
-            if fid is not None:
-                last_eval["val/rfid"] = fid
-                self.run.log_metrics(self.step, "fid", {"val/rfid": fid})
-                self.acc.log({"val/rfid": fid}, step=self.step)
+        with eval_mode(model):
+            self.fid.ensure_reference(originals())  # computed once, then read from the cache file
+            return self.fid.compute(reconstructions())
 
     # ------------------------------------------------------------------ logs and summary
     def _lr(self) -> float:

@@ -11,6 +11,8 @@
   clear message after too many in a row.
 * ``StopFlag`` — SIGINT / SIGTERM ask the loop to save and exit at the end of the current step, on
   every rank at once.
+* ``eval_mode`` — evaluate a model in eval mode and give every submodule its own mode back, even when
+  the evaluation raises.
 
 The loop built from them is ``movq.train_loop.TrainLoop``.
 """
@@ -23,8 +25,9 @@ import os
 import re
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -270,6 +273,19 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``with eval_mode(model):`` runs the body with ``model.eval()`` and then restores each submodule's
+    own ``training`` flag (a frozen LPIPS inside a training model stays in eval mode), also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def mean_logs(history: list[dict]) -> dict:

@@ -251,3 +251,28 @@ def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "wandb").exists()
+
+
+def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monkeypatch):
+    from movq.training import eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    net[0].eval()  # e.g. a frozen feature network inside a training model
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(net):
+            assert not any(m.training for m in net.modules())
+            raise RuntimeError("boom")
+    assert [m.training for m in net.modules()] == [True, False, True]
+
+    # the trainer's evaluation fails half-way: the model it evaluated trains on in training mode
+    def failing_update(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = TokenizerTrainer(tiny_cfg(tmp_path / "run", cache, max_steps=1, ema_decay=0.0))
+    assert trainer._eval_model().training
+    monkeypatch.setattr("movq.trainer.TokenizerMetrics.update", failing_update)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.evaluate()
+    assert trainer._eval_model().training
