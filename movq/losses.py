@@ -87,7 +87,12 @@ class TokenizerLoss(nn.Module):
             if logits_fake is None:
                 raise ValueError(f"step {step} ≥ disc_start={cfg.disc_start}: generator_loss needs logits_fake")
             g_loss = -logits_fake.float().mean()
-            if last_layer is not None and torch.is_grad_enabled() and g_loss.requires_grad:
+            training = torch.is_grad_enabled() and g_loss.requires_grad
+            if training and last_layer is None:
+                raise ValueError(f"step {step} ≥ disc_start={cfg.disc_start}: training generator_loss needs "
+                                 "last_layer (the decoder's last weight, MoVQ.get_last_layer()) for the adaptive "
+                                 "GAN weight; without it the GAN term would silently get weight 0")
+            if training:
                 d_weight = adaptive_weight(rec, g_loss, last_layer, cfg.adaptive_weight_eps, cfg.adaptive_weight_max)
             else:  # evaluation: no graph to measure gradients on (taming logs 0 here too)
                 d_weight = torch.zeros((), device=x.device)

@@ -44,6 +44,11 @@ def test_generator_gating_and_terms():
     with pytest.raises(ValueError, match="logits_fake"):
         loss.generator_loss(x, x_rec, q, step=10)
     logits = disc(x_rec)
+    with pytest.raises(ValueError, match="last_layer"):  # training without it would drop the GAN term
+        loss.generator_loss(x, x_rec, q, step=10, logits_fake=logits)
+    with torch.no_grad():  # evaluation: no graph, the GAN term is logged with weight 0
+        _, logs = loss.generator_loss(x, x_rec, q, step=10, logits_fake=disc(x_rec))
+    assert logs["d_weight"] == 0 and logs["g_loss"] == -disc(x_rec).mean()
     after, logs = loss.generator_loss(x, x_rec, q, step=10, logits_fake=logits, last_layer=last.weight)
     d_w = adaptive_weight(expected, -logits.mean(), last.weight) * 0.5
     torch.testing.assert_close(after, expected + d_w * -logits.mean())
