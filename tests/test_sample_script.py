@@ -131,15 +131,3 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
         assert e.value.code == 2
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
 
-
-def test_bench_sampling_quick_harness(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_sampling", ROOT / "tools" / "bench_sampling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "b.json"
-    assert bench.main(["--quick", "--out", str(out), "--batch-sizes", "2", "--steps", "2", "--warmup", "0",
-                       "--repeats", "1"]) == 0
-    report = json.loads(out.read_text())
-    methods = {(r["method"], r["steps"]) for r in report["results"]}
-    assert methods == {("maskgit", 2), ("autoregressive", 16)} and report["device"].startswith("CPU")
-    assert report["results"][0]["ratio_to_autoregressive"] > 0 and report["versions"]["torch"] == torch.__version__

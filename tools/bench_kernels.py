@@ -20,9 +20,7 @@ times say nothing about speed), only to check the harness end to end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import multichannel_vq, multichannel_vq_ref  # noqa: E402
 from kernels._autotune import HAS_TRITON  # noqa: E402
+from _bench_report import device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 # Dense peak TFLOP/s (no sparsity) from the vendors' data sheets, by math: first matching name wins.
 PEAKS_TFLOPS = [
@@ -69,18 +68,6 @@ def device_peak(name: str) -> dict | None:
 
 def math_of(dtype: str, tf32: bool) -> str:
     return "bf16" if dtype in ("bf16", "fp16") else ("tf32" if tf32 else "fp32")
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("triton", "vector_quantize_pytorch"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod.replace("_", "-"))
-        except Exception:  # noqa: BLE001 - absent package: record None
-            out[mod] = None
-    return out
 
 
 def time_fn(fn, cuda: bool, grad_to_none, rep_ms: int, cpu_reps: int) -> tuple[float, float, float]:
@@ -270,9 +257,8 @@ def main(argv=None) -> int:
         print(f"N={rec['N']:>7} K={rec['K']:>6} d={rec['d']:>3} {rec['dtype']:>4} {rec['mode']:<7} {cols}", flush=True)
     report = {
         "benchmark": "multichannel_vq (kernels/vq.py, issue 4)",
-        "device": torch.cuda.get_device_name(dev) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                                  f"{torch.get_num_threads()} threads)",
-        "versions": versions(),
+        "device": device_name(dev),
+        "versions": versions("vector_quantize_pytorch"),
         "settings": {"quick": args.quick, "tf32": args.tf32, "rep_ms": args.rep_ms, "cpu_reps": args.cpu_reps,
                      "methods": methods, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"},
         "flops_definition": "2*N*K*d (the distance GEMM); the same count for every method and mode",
@@ -280,11 +266,7 @@ def main(argv=None) -> int:
         "wall_s": time.time() - t0,
         "cases": cases,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(args.out)
-    print(f"wrote {args.out} ({len(cases)} cases, {report['wall_s']:.1f}s)")
+    write_report(report, args.out, f" ({len(cases)} cases, {report['wall_s']:.1f}s)")
     return 0
 
 

@@ -23,8 +23,6 @@ shapes on CPU in seconds, to check the harness only (its numbers say nothing abo
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from movq.maskgit import LN_EPS, MaskGIT, MaskGITConfig  # noqa: E402
 from movq.sampling import generate  # noqa: E402
+from _bench_report import device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_IMAGES_PER_S = 300.0  # base config, T = 8, bf16, decoding included (issue 6)
@@ -131,23 +130,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -275,10 +257,7 @@ def main(argv=None) -> int:
         ] + (["--quick: tiny shapes on CPU; the numbers check the harness, not the speed."] if args.quick else []),
         "wall_s": time.time() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -21,17 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
 from movq.config import TokenizerConfig, load_config  # noqa: E402
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from _bench_report import device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 
 def main(argv=None) -> int:
@@ -66,6 +60,7 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             sync()
             t0 = time.perf_counter()
+            # Private hooks: no public one-step API, and fit() would add data loading, logging, eval, checkpoints.
             for _ in range(cfg.train.grad_accum):
                 logs = trainer._micro_step(x)
             trainer._optimizer_step(logs)
@@ -84,7 +79,7 @@ def main(argv=None) -> int:
         "benchmark": "tokenizer training step (G + D + optimizers + EMA)",
         "config": args.config,
         "overrides": args.overrides,
-        "device": device_name(),
+        "device": device_name(acc.device),
         "mixed_precision": cfg.train.mixed_precision,
         "image_size": S,
         "batch_per_step": images,
@@ -96,12 +91,11 @@ def main(argv=None) -> int:
         "images_per_s": images / med,
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions("accelerate"),
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_report(result, args.out)
     return 0
 
 
