@@ -188,6 +188,8 @@ class MoVQ(nn.Module):
             raise ValueError(
                 f"expected images [B, {self.config.model.in_channels}, H, W], got {tuple(x.shape)}"
             )
+        if x.numel() == 0:
+            raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
         h = self.quant_conv(self.encoder(self._pad(x)))
         q = self.quantizer(h)
         return EncodeOutput(q.z_q, q.indices, q)

@@ -188,6 +188,8 @@ class MaskGIT(nn.Module):
         if tokens.ndim != 4 or tuple(tokens.shape[1:]) != expected:
             want = ", ".join(map(str, expected))
             raise ValueError(f"MaskGIT: tokens must have shape [B, {want}], got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0:
+            raise ValueError("MaskGIT: got an empty batch of tokens (B = 0)")
         hi = cfg.codebook_size if allow_mask else cfg.codebook_size - 1
         if not torch.compiler.is_compiling() and ((tokens < 0) | (tokens > hi)).any():
             what = f"[0, {hi}] ({hi} = [MASK])" if allow_mask else f"[0, {hi}] (no [MASK] in targets)"

@@ -131,6 +131,8 @@ class MultichannelQuantizer(nn.Module):
             raise ValueError(
                 f"quantizer expects [B, {cfg.channels}×{cfg.dim}={cfg.channels * cfg.dim}, h, w], got {tuple(z.shape)}"
             )
+        if z.numel() == 0:  # the losses, usage and k-means init are undefined on no vectors
+            raise ValueError(f"quantizer got an empty input of shape {tuple(z.shape)}")
         if self.training and not bool(self.initted):
             self._kmeans_init(z.detach())
 

@@ -277,6 +277,8 @@ def generate(
         if labels is None and num_samples is None:
             raise ValueError("give labels or num_samples (or tokens) to set the batch size")
         n = labels.shape[0] if labels is not None else num_samples
+        if n < 1:
+            raise ValueError(f"generate: the batch size must be ≥ 1, got {n} (from labels or num_samples)")
         h, w = cfg.grid_hw
         device = next(model.parameters()).device
         tokens = torch.full((n, cfg.channels, h, w), model.mask_id, dtype=torch.long, device=device)

@@ -113,5 +113,7 @@ def test_bad_input_shape():
     model = MoVQ(tiny())
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         model.encode(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="non-empty batch"):
+        model(torch.rand(0, 3, 32, 32))
     with pytest.raises(ValueError, match="indices must lie in"):
         model.decode_indices(torch.full((1, 2, 4, 4), 99))

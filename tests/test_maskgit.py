@@ -148,6 +148,8 @@ def test_bad_inputs():
         model(ok, torch.tensor([0]))
     with pytest.raises(ValueError, match="needs labels"):
         model.training_loss(ok, None)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.training_loss(ok[:0], labels[:0])
 
 
 def test_tiny_prior_overfits():

@@ -134,5 +134,9 @@ def test_bad_shapes():
     q = make()
     with pytest.raises(ValueError, match=r"\[B, 3×4=12, h, w\]"):
         q(torch.randn(1, 8, 2, 2))
+    q = make(kmeans_init=True)
+    with pytest.raises(ValueError, match="empty input"):  # in training mode, before the k-means init
+        q(torch.randn(0, 12, 2, 2))
+    assert not bool(q.initted)
     with pytest.raises(ValueError):
         MultichannelQuantizer(QuantizerConfig(codebook_size=1))

@@ -154,6 +154,8 @@ def test_generate_unconditional_and_inpaint_with_model():
     assert out.shape == (2, C, H, W) and not (out == K).any() and hist.states.shape[1] == 4
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         generate(model, None, num_samples=2, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="batch size must be ≥ 1"):
+        generate(model, None, num_samples=0)
     # inpainting: the given tokens outside the box stay
     image = torch.randint(0, K, (2, C, H, W))
     known = box_mask(H, W, (16, 16, 48, 48), image_size=64)
