@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -348,10 +347,14 @@ def to_dict(cfg: Any) -> dict:
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename, so a crash never leaves half a file."""
+    """Write ``text`` to ``path`` through a temp file + rename, so a crash never leaves half a file.
+    The file gets the permissions a plain ``open(path, "w")`` gives a new file (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A new file under a random name, as tempfile.mkstemp makes, but created with mode 0o666 so
+    # that the kernel applies the umask (mkstemp's files are 0o600, whatever the umask).
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

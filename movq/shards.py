@@ -17,6 +17,8 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from movq.config import atomic_write_text
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "movq-shards/1"
 
@@ -78,13 +80,10 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:
     """Write ``manifest.json``: format, count, shards (name, count, sha256) and ``info``
-    (classes, image_size, image_format, skipped, ...). Atomic (temp file + rename)."""
+    (classes, image_size, image_format, skipped, ...). Atomic (``atomic_write_text``)."""
     manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards), **info,
                 "shards": shards}
-    path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -6,7 +6,9 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
 import re
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -15,12 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from movq.config import DataConfig
+from movq.config import DataConfig, atomic_write_text
 from movq.data import (
     BUILTIN_TRAIN_PHOTOS, BUILTIN_VAL_PHOTOS, ShardWriter, SkipSample, build_dataloader,
     build_dataset, builtin_dataset, decode_image, iter_tar, num_classes, read_manifest,
     train_batches,
 )
+from movq.shards import write_manifest
 
 _spec = importlib.util.spec_from_file_location(
     "make_shards", Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"
@@ -100,6 +103,22 @@ def test_make_shards_round_trip(tmp_path):
 
     (out / "shard-000001.tar").write_bytes(b"tampered")
     assert make_shards.main(["--verify", str(out)]) == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """Atomic writes (configs, manifests) get the permissions of a plain open(), not 0o600."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "sub" / "a.txt", "text")
+        write_manifest(tmp_path, [{"name": "shard-000000.tar", "count": 1, "sha256": "0" * 64}])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "sub" / "a.txt").read_text() == "text"
+    assert stat.S_IMODE((tmp_path / "sub" / "a.txt").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "manifest.json").stat().st_mode) == mode
+    assert read_manifest(tmp_path)["count"] == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "manifest.json", "sub"]  # no temp file left
 
 
 def _pack(tmp_path, name, per_class, classes=("cat", "dog")):
