@@ -181,7 +181,7 @@ def test_model_shape_against_tokens(tmp_path, data):
 
 
 TWO_RANK_SCRIPT = """
-import importlib.util, json, sys
+import importlib.util, json, sys, time
 from pathlib import Path
 import torch
 root, tok, img, out = map(Path, sys.argv[1:5])
@@ -191,7 +191,14 @@ def tool(name):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
-assert tool("tokenize_dataset").main(["--tokenizer", str(tok), str(img), str(out / "tokens"), "--shard-size", "3", "--cpu"]) == 0
+tokenize = tool("tokenize_dataset")
+write_manifest = tokenize.write_token_manifest
+def slow_write(*args, **kwargs):  # rank 0 writes the manifest late: every rank's main() must wait for it
+    time.sleep(2)
+    return write_manifest(*args, **kwargs)
+tokenize.write_token_manifest = slow_write
+assert tokenize.main(["--tokenizer", str(tok), str(img), str(out / "tokens"), "--shard-size", "3", "--cpu"]) == 0
+assert (out / "tokens" / "manifest.json").is_file()
 from movq.config import load_config
 from movq.prior_trainer import PriorConfig, PriorTrainer
 cfg = load_config(PriorConfig, {

@@ -350,19 +350,22 @@ def main(argv=None) -> int:
     if progress is not None:
         progress.close()
     acc.wait_for_everyone()
+    error = None
     if acc.is_main_process:
         try:
             manifest = write_token_manifest(args.out, len(plan.chunks))
         except TokenDataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(
-            f"{manifest['count']} images → {len(manifest['shards'])} token shard(s) in {args.out} "
-            f"({TOKENS_FORMAT}: {manifest['channels']}×{manifest['height']}×{manifest['width']} tokens, "
-            f"K={manifest['codebook_size']}, {len(manifest['classes'])} classes); "
-            f"skipped: {manifest['skipped'] or 'none'}; {time.time() - t0:.1f} s"
-        )
-    return 0
+            error = str(e)
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            print(
+                f"{manifest['count']} images → {len(manifest['shards'])} token shard(s) in {args.out} "
+                f"({TOKENS_FORMAT}: {manifest['channels']}×{manifest['height']}×{manifest['width']} tokens, "
+                f"K={manifest['codebook_size']}, {len(manifest['classes'])} classes); "
+                f"skipped: {manifest['skipped'] or 'none'}; {time.time() - t0:.1f} s"
+            )
+    # Every rank returns after the manifest exists (a caller may read the tokens next) and with rank 0's status.
+    return 2 if any(gather_object([error]) if world > 1 else [error]) else 0
 
 
 if __name__ == "__main__":
