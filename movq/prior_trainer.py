@@ -160,6 +160,12 @@ def load_decoder(path: Optional[str], model_cfg: MaskGITConfig, device) -> Optio
 # --------------------------------------------------------------------------------------
 # Pictures of samples (shared with tools/sample.py)
 # --------------------------------------------------------------------------------------
+def fid_sample_batches(per_rank: int, rank: int, batch: int) -> list[tuple[int, int]]:
+    """(first global sample index, size) of ``rank``'s FID batches: rank r makes the global indices
+    ``[r * per_rank, (r + 1) * per_rank)``, so all ranks together make ``world * per_rank`` distinct ones."""
+    return [(rank * per_rank + i, min(batch, per_rank - i)) for i in range(0, per_rank, batch)]
+
+
 def class_cycle(n: int, num_classes: int, device=None) -> Optional[Tensor]:
     """Labels ``0, 1, ..., K-1, 0, ...`` for a grid of a class-conditional model; None if unconditional."""
     return torch.arange(n, device=device) % num_classes if num_classes > 0 else None
@@ -352,12 +358,11 @@ class PriorTrainer(TrainLoop):
         self.fid.ensure_reference(real)
 
         def fakes():
-            for i in range(0, n, bs):
-                m = min(bs, n - i)
+            for first, m in fid_sample_batches(n, acc.process_index, bs):
                 labels = None
-                if self.cfg.model.num_classes > 0:
-                    labels = torch.arange(i, i + m, device=acc.device) % self.cfg.model.num_classes
-                seed = t.seed * 1_000_003 + acc.process_index * 7919 + i
+                if self.cfg.model.num_classes > 0:  # global index mod classes: balanced over all ranks
+                    labels = torch.arange(first, first + m, device=acc.device) % self.cfg.model.num_classes
+                seed = t.seed * 1_000_003 + first  # one seed per global index: no two batches share noise
                 yield decode_tokens(self.tokenizer, self._sample(model, labels, m, seed))
 
         with eval_mode(model):
@@ -382,5 +387,5 @@ class PriorTrainer(TrainLoop):
 __all__ = [
     "PriorConfig", "SampleConfig", "PriorTrainer", "save_prior", "load_prior", "resolve_prior", "load_decoder",
     "resolve_model_shape", "decode_tokens", "token_map_images", "shade_cells", "class_cycle", "grid_columns",
-    "rows_of",
+    "rows_of", "fid_sample_batches",
 ]

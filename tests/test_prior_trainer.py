@@ -246,3 +246,15 @@ def test_two_process_cpu_tokenize_train_sample(tmp_path, data, free_port):
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert f["arr_0"].shape == (5, 8, 8, 3)
     assert len(list((tmp_path / "s").glob("[0-9]*.png"))) == 5
+
+
+def test_fid_batches_are_distinct_and_class_balanced_over_ranks():
+    from movq.prior_trainer import fid_sample_batches
+
+    world, per_rank, batch, classes = 4, 10, 3, 8
+    firsts = [[first for first, _ in fid_sample_batches(per_rank, r, batch)] for r in range(world)]
+    index = [first + j for r in range(world) for first, m in fid_sample_batches(per_rank, r, batch) for j in range(m)]
+    assert sorted(index) == list(range(world * per_rank))  # every global index once
+    assert len({f for fs in firsts for f in fs}) == sum(map(len, firsts))  # distinct seeds (seed = base + first)
+    counts = np.bincount(np.array(index) % classes, minlength=classes)
+    assert counts.max() - counts.min() <= 1, counts  # not the same classes on every rank
