@@ -68,8 +68,12 @@ def test_writes_n_images_and_npz_resumably(tmp_path, ckpt):
     assert (out / "000003.png").read_bytes() == before
     assert (out / "000000.png").stat().st_mtime_ns == stamp
     assert json.loads((out / "sampling.json").read_text())["generated_now"] == 1
-    # other settings are not mixed into the same folder
+    # --classes all is the default labelling: the same sampling, nothing new to draw
+    assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--classes", "all") == 0
+    assert json.loads((out / "sampling.json").read_text())["generated_now"] == 0
+    # other settings are not mixed into the same folder (--save-tokens: tokens/ would miss the old samples)
     assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--seed", 3) == 2
+    assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--save-tokens") == 2
     assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--seed", 3, "--overwrite") == 0
     assert json.loads((out / "sampling.json").read_text())["generated_now"] == 5
 
@@ -78,6 +82,23 @@ def test_writes_n_images_and_npz_resumably(tmp_path, ckpt):
                "--seed", 1, "--steps", 2, "--cfg-scale", 1) == 0
     with np.load(tmp_path / "c" / "samples.npz") as f:
         assert f["arr_0"].shape == (2, 8, 8, 3) and not np.array_equal(f["arr_0"], arr[:2])
+
+
+def test_label_rules():
+    args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o"])
+    index = np.arange(4)
+    assert sample_tool._label_rule(args, 3) == "cycle"
+    assert sample_tool._labels("cycle", 3, index, "cpu").tolist() == [0, 1, 2, 0]
+    assert sample_tool._label_rule(args, 0) == "null"  # an unconditional prior
+    edit = ["--edit", "x.png", "--box", "0,0,4,4"]
+    args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o", *edit])
+    assert sample_tool._label_rule(args, 3) == "null"  # the image's class is unknown: no made-up classes
+    assert sample_tool._labels("null", 3, index, "cpu") is None
+    args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o", *edit, "--classes", "all"])
+    assert sample_tool._label_rule(args, 3) == "cycle"
+    args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o", *edit, "--class-label", "2"])
+    assert sample_tool._label_rule(args, 3) == "class 2"
+    assert sample_tool._labels("class 2", 3, index, "cpu").tolist() == [2, 2, 2, 2]
 
 
 def test_rank_split_covers_each_index_once():

@@ -17,7 +17,10 @@ Writes ``OUT/NNNNNN.png`` (unique global indices) and ``OUT/samples.npz`` (uint8
 multiple of the global batch (batch size × processes); rank r draws indices
 ``i·global + r·B + [0, B)`` in iteration i and only indices < N are written. The noise of a batch
 is seeded by (seed, its first index), so a rerun with the same settings skips the existing PNGs
-and reproduces the rest. Class labels: ``--classes all`` cycles index mod num_classes.
+and reproduces the rest. Class labels: ``--classes all`` cycles index mod num_classes (the default
+when sampling); edits are unconditional (the null class) unless ``--class-label`` or ``--classes all``
+is given, since the image's class is unknown; classifier-free guidance then has no class to guide
+towards and is off.
 
 Editing (``--edit IMAGE --box x0,y0,x1,y1``, box in pixels of IMAGE): the image is centre-cropped to a
 square and resized to the prior's resolution, encoded, the tokens of the cells touching the box
@@ -71,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="decoding steps T (default: the config's sample.steps)")
     cls = p.add_mutually_exclusive_group()
     cls.add_argument("--class-label", type=int, help="one class for every sample")
-    cls.add_argument("--classes", choices=["all"], help="cycle through all classes (the default)")
+    cls.add_argument("--classes", choices=["all"],
+                     help="cycle through all classes (the default, except with --edit: the null class)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"])
     p.add_argument("--temperature", type=float, help="token sampling temperature")
@@ -106,12 +110,22 @@ class SampleError(ValueError):
     """Bad input to the sampler; printed as one line."""
 
 
-def _labels(args, num_classes: int, index: np.ndarray, device) -> Optional[torch.Tensor]:
-    if num_classes == 0:
-        return None
+def _label_rule(args, num_classes: int) -> str:
+    """How samples get class labels: "null" (unconditional), "cycle" (index mod num_classes) or "class K"."""
     if args.class_label is not None:
-        return torch.full((len(index),), args.class_label, dtype=torch.long, device=device)
-    return torch.from_numpy(index % num_classes).to(device)
+        return f"class {args.class_label}"
+    if num_classes == 0 or (args.edit and args.classes is None):
+        return "null"
+    return "cycle"
+
+
+def _labels(rule: str, num_classes: int, index: np.ndarray, device) -> Optional[torch.Tensor]:
+    """Class labels of the samples with global indices ``index`` under ``rule``; None = the null class."""
+    if rule == "null":
+        return None
+    if rule == "cycle":
+        return torch.from_numpy(index % num_classes).to(device)
+    return torch.full((len(index),), int(rule.split()[1]), dtype=torch.long, device=device)
 
 
 def batch_indices(iteration: int, rank: int, batch: int, world: int) -> np.ndarray:
@@ -218,13 +232,16 @@ def main(argv=None) -> int:
                 choice_temperature=s.choice_temperature if args.choice_temperature is None else args.choice_temperature,
                 schedule=cfg.model.mask_schedule)
     scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    guidance = dict(cfg_scale=scale if nc > 0 else 1.0, cfg_schedule=args.cfg_schedule or s.cfg_schedule)
+    rule = _label_rule(args, nc)
+    # null-class samples have nothing to guide towards: guidance is off for them (recorded as scale 1)
+    guidance = dict(cfg_scale=scale if rule != "null" else 1.0, cfg_schedule=args.cfg_schedule or s.cfg_schedule)
     out = Path(args.out)
     error = None
     if acc.is_main_process:
         spec = {"prior_sha256": file_digest(resolve_prior(args.checkpoint, args.model) / WEIGHTS_NAME),
                 "tokenizer_sha256": file_digest(resolve_tokenizer(tok_path) / WEIGHTS_NAME), "seed": args.seed,
-                "batch_size": args.batch_size, "class_label": args.class_label, "bf16": args.bf16, **opts, **guidance,
+                "batch_size": args.batch_size, "labels": rule,
+                "bf16": args.bf16, "save_tokens": args.save_tokens, "device": dev.type, **opts, **guidance,
                 "edit_sha256": file_digest(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
         error = _prepare_out(out, spec, args.overwrite)
         if args.save_tokens:
@@ -235,7 +252,7 @@ def main(argv=None) -> int:
         return 2
 
     def sample(index: np.ndarray, history: bool = False):
-        labels = _labels(args, nc, index, dev)
+        labels = _labels(rule, nc, index, dev)
         g = torch.Generator(dev).manual_seed(_batch_seed(args.seed, int(index[0])))
         kw = dict(tokens=edit[1].expand(len(index), -1, -1, -1), known_mask=edit[2]) if edit else {}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -315,7 +332,7 @@ def main(argv=None) -> int:
     info = {"num_samples": n, "generated_now": made_all, "seconds": seconds, "processes": world,
             "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
             "checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "seed": args.seed, **opts, **guidance,
-            "class_label": args.class_label, "edit": args.edit, "box": args.box, "outpaint": args.outpaint}
+            "labels": rule, "edit": args.edit, "box": args.box, "outpaint": args.outpaint}
     atomic_write_text(out / "sampling.json", json.dumps(info, indent=1))
     rate = f"{made_all / seconds:.1f} images/s" if made_all and seconds > 0 else "nothing new to sample"
     print(f"{n} samples in {out} (samples.npz: {arrays.shape}); {made_all} generated in {seconds:.1f} s, {rate}")
