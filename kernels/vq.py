@@ -585,9 +585,12 @@ def _multichannel_vq_triton(z: Tensor, codebook: Tensor, channels: int, *, cosin
                          "use backend='torch'")
     B, _, h, w = z.shape
     with torch.autocast(device_type=z.device.type, enabled=False):
-        cbf = codebook.float()
+        # A new tensor, never the parameter's own storage: backward reads the codes of this forward even
+        # when the caller then rewrites the codebook in place (EMA updates, dead-code restarts).
         if cosine:  # K x d: cheap in torch, and autograd chains the codebook gradient through it
-            cbf = F.normalize(cbf, dim=-1, eps=NORM_EPS)
+            cbf = F.normalize(codebook.float(), dim=-1, eps=NORM_EPS)
+        else:
+            cbf = codebook.to(torch.float32, copy=True)
         if z.is_cuda:
             with torch.cuda.device(z.device):
                 zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(z, cbf, channels, cosine, deterministic, allow_tf32)

@@ -95,10 +95,18 @@ class MultichannelQuantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(not cfg.kmeans_init))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.full((K,), _NEVER, dtype=torch.long))
-        self.register_buffer("usage_ema", torch.ones(K))  # expected hits per step; starts "alive"
+        # Expected hits per step. New and restarted codes start at max(1, threshold): alive, and dead
+        # again only if they then get fewer hits than the threshold (lucidrains' reset_cluster_size).
+        self.register_buffer("usage_ema", torch.full((K,), self._fresh_usage))
         if cfg.ema:
-            self.register_buffer("cluster_size", torch.zeros(K))
+            # One hit per code with embed_avg = codebook: consistent, so a code not hit in the first
+            # steps keeps its value instead of jumping to embed_avg / eps.
+            self.register_buffer("cluster_size", torch.ones(K))
             self.register_buffer("embed_avg", self.codebook.detach().clone())
+
+    @property
+    def _fresh_usage(self) -> float:
+        return max(1.0, float(self.cfg.dead_code_threshold))
 
     @property
     def codebook_size(self) -> int:
@@ -166,7 +174,10 @@ class MultichannelQuantizer(nn.Module):
     # ------------------------------------------------------------------ training-time state
     @torch.no_grad()
     def _update_statistics(self, z: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        """EMA codebook, usage bookkeeping and dead-code restart; identical on every rank."""
+        """EMA codebook, usage bookkeeping and dead-code restart; identical on every rank.
+
+        A batch with non-finite encoder outputs (a step the trainer's guard will skip) leaves the
+        codebook as it is: the checks are on all-reduced / broadcast values, so every rank agrees."""
         cfg = self.cfg
         self.step += 1
         self.last_used[counts > 0] = self.step
@@ -176,13 +187,14 @@ class MultichannelQuantizer(nn.Module):
         if cfg.ema:
             embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, indices.flatten(), flat)
             _all_reduce_(embed_sum)
-            self.cluster_size.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
-            self.embed_avg.mul_(cfg.ema_decay).add_(embed_sum, alpha=1 - cfg.ema_decay)
-            # Laplace smoothing keeps codes with no hits from dividing by zero (Sonnet's VQ-VAE-EMA).
-            n = self.cluster_size.sum()
-            eps = 1e-5
-            smoothed = (self.cluster_size + eps) / (n + cfg.codebook_size * eps) * n
-            self.codebook.data.copy_(self.embed_avg / smoothed.unsqueeze(1))
+            if bool(torch.isfinite(embed_sum).all()):
+                self.cluster_size.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
+                self.embed_avg.mul_(cfg.ema_decay).add_(embed_sum, alpha=1 - cfg.ema_decay)
+                # Laplace smoothing keeps codes with no hits from dividing by zero (Sonnet's VQ-VAE-EMA).
+                n = self.cluster_size.sum()
+                eps = 1e-5
+                smoothed = (self.cluster_size + eps) / (n + cfg.codebook_size * eps) * n
+                self.codebook.data.copy_(self.embed_avg / smoothed.unsqueeze(1))
         if cfg.dead_code_threshold > 0:
             dead = self.usage_ema < cfg.dead_code_threshold
             if bool(dead.any()):
@@ -190,12 +202,15 @@ class MultichannelQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart(self, dead: torch.Tensor, flat: torch.Tensor) -> None:
-        """Replace dead codes by random encoder outputs of this batch (rank 0's, broadcast)."""
+        """Replace dead codes by random encoder outputs of this batch (rank 0's, broadcast; none when
+        those are not finite)."""
         n_dead = int(dead.sum())
         pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
         new = _broadcast_(flat[pick].contiguous())
+        if not bool(torch.isfinite(new).all()):
+            return
         self.codebook.data[dead] = new.to(self.codebook.dtype)
-        self.usage_ema[dead] = 1.0
+        self.usage_ema[dead] = self._fresh_usage
         if self.cfg.ema:
             self.embed_avg[dead] = new
             self.cluster_size[dead] = 1.0
@@ -222,6 +237,8 @@ class MultichannelQuantizer(nn.Module):
             if cfg.cosine:
                 centroids = F.normalize(centroids, dim=-1, eps=NORM_EPS)
         _broadcast_(centroids)
+        if not bool(torch.isfinite(centroids).all()):  # non-finite inputs: try again on the next batch
+            return
         self.codebook.data.copy_(centroids)
         if cfg.ema:
             self.embed_avg.copy_(centroids)

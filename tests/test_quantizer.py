@@ -140,3 +140,65 @@ def test_bad_shapes():
     assert not bool(q.initted)
     with pytest.raises(ValueError):
         MultichannelQuantizer(QuantizerConfig(codebook_size=1))
+
+
+def _fixed(codes: torch.Tensor, **kw) -> MultichannelQuantizer:
+    """A one-channel quantizer whose codebook (and EMA state) is exactly ``codes [K, d]``."""
+    q = MultichannelQuantizer(QuantizerConfig(codebook_size=codes.shape[0], channels=1, dim=codes.shape[1], **kw))
+    with torch.no_grad():
+        q.codebook.copy_(codes)
+        if q.cfg.ema:
+            q.embed_avg.copy_(codes)
+    return q.train()
+
+
+def _as_map(vectors: torch.Tensor) -> torch.Tensor:
+    """[N, d] → [N, d, 1, 1], one vector per image."""
+    return vectors[:, :, None, None]
+
+
+def test_ema_codes_without_hits_keep_their_value():
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    q = _fixed(codes, ema=True, ema_decay=0.9)
+    for _ in range(3):
+        q(_as_map(0.01 * torch.randn(16, 2)))  # every vector goes to code 0
+    torch.testing.assert_close(q.codebook[1:], codes[1:], atol=1e-3, rtol=1e-3)
+
+
+def test_dead_code_threshold_above_one_keeps_codes_that_reach_it():
+    codes = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [-4.0, 0.0], [50.0, 50.0]])
+    q = _fixed(codes, dead_code_threshold=2.0)
+    batch = _as_map(codes[:4].repeat(4, 1))  # 4 hits per step for codes 0-3, none for code 4
+    for _ in range(5):
+        q(batch)
+    torch.testing.assert_close(q.codebook[:4], codes[:4])  # never restarted: 4 hits ≥ threshold
+    assert (q.usage_ema[:4] >= 2.0).all(), q.usage_ema
+    assert torch.cdist(q.codebook[4:].detach(), codes[:4]).min() < 1e-6  # the unused one was restarted
+
+
+@pytest.mark.parametrize("kw", [dict(ema=True), dict(dead_code_threshold=0.5, usage_decay=0.1), dict(kmeans_init=True)])
+def test_non_finite_batch_leaves_the_codebook_intact(kw):
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    q = _fixed(codes, **kw)
+    bad = torch.randn(8, 2)
+    bad[:, 0] = float("nan")  # codes without hits are restarted from these with usage_decay=0.1
+    q(_as_map(bad))
+    assert torch.isfinite(q.codebook).all() and all(torch.isfinite(b).all() for b in q.buffers())
+    if kw.get("kmeans_init"):
+        assert not bool(q.initted)  # tried again on the next batch
+    out = q(_as_map(torch.randn(8, 2)))
+    assert torch.isfinite(out.loss) and bool(q.initted)
+
+
+def test_ema_backward_uses_the_codes_of_its_forward(monkeypatch):
+    """The EMA update rewrites the codebook inside forward; both backends' gradients use the old codes."""
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MOVQ_VQ_BACKEND", backend)
+        q = make(ema=True, ema_decay=0.5).train()
+        torch.manual_seed(1)
+        z = torch.randn(2, 12, 3, 3, requires_grad=True)
+        out = q(z)
+        (out.loss + (out.z_q * torch.linspace(-1, 1, out.z_q.numel()).view_as(out.z_q)).sum()).backward()
+        grads[backend] = z.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"])
