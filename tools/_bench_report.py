@@ -4,13 +4,14 @@ tools/_train_cli.py)."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from movq.config import atomic_write_text
 
 # Reported by every benchmark, besides python, torch and torch's CUDA build.
 BASE_PACKAGES = ("triton",)
@@ -55,17 +56,10 @@ def versions(*packages: str) -> dict[str, Optional[str]]:
 
 def write_report(report: dict, out: Union[str, Path], detail: str = "") -> Path:
     """Write ``report`` as indented JSON to ``out`` (parent folders made) and print ``wrote <out>``
-    followed by ``detail``. Atomic: the JSON goes to a temporary file in the same folder that
-    then replaces ``out``, so an interrupted or failed write leaves the previous file as it was."""
+    followed by ``detail``. Atomic (``movq.config.atomic_write_text``): an interrupted or failed
+    write leaves the previous file as it was."""
     out = Path(out)
     text = json.dumps(report, indent=1) + "\n"  # before touching the disk: a non-JSON value raises here
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, text)
     print(f"wrote {out}{detail}", flush=True)
     return out
