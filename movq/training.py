@@ -121,8 +121,12 @@ class RunDir:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied).
+    """Exponential moving average of a model's trained parameters.
 
+    Copied instead of averaged: buffers, parameters that gradients do not train (an EMA codebook,
+    which follows its own moving average), and the parameters of a module whose ``initted`` buffer
+    turned True since the last update (the quantizer's k-means init: averaging it with the random
+    init it replaced would leave the EMA model's codes wrong for ~1 / (1 - decay) steps).
     The shadow is a full copy of the model, so evaluation simply runs ``ema.model``.
     """
 
@@ -135,10 +139,14 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         ema_state = self.model.state_dict()
-        params = {name for name, _ in model.named_parameters()}  # once: a per-entry dict is O(n²) per step
+        # just initialised from data: the module's prefix ("" for the model itself)
+        fresh = {name[: -len("initted")] for name, buf in model.named_buffers()
+                 if name.split(".")[-1] == "initted" and bool(buf) and not bool(ema_state[name])}
+        averaged = {name for name, p in model.named_parameters()  # once: a per-entry dict is O(n²) per step
+                    if p.requires_grad and p.dtype.is_floating_point and not any(name.startswith(f) for f in fresh)}
         for name, value in model.state_dict().items():
             target = ema_state[name]
-            if value.dtype.is_floating_point and name in params:
+            if name in averaged:
                 target.lerp_(value.to(target.dtype), 1.0 - self.decay)
             else:
                 target.copy_(value)

@@ -276,3 +276,32 @@ def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monke
     with pytest.raises(RuntimeError, match="boom"):
         trainer.evaluate()
     assert trainer._eval_model().training
+
+
+def test_weight_ema_averages_trained_parameters_and_copies_the_rest():
+    from movq.config import QuantizerConfig
+    from movq.quantizer import MultichannelQuantizer
+    from movq.training import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "lin": torch.nn.Linear(2, 2),
+        "learned": MultichannelQuantizer(QuantizerConfig(codebook_size=8, channels=1, dim=2, kmeans_init=True)),
+        "ema_codes": MultichannelQuantizer(QuantizerConfig(codebook_size=8, channels=1, dim=2, ema=True)),
+    }).train()
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        model["lin"].weight.add_(1.0)
+    z = torch.randn(16, 2, 1, 1) * 3
+    model["learned"](z)  # k-means init: a jump from the random codes, not a training step
+    model["ema_codes"](z)  # its codebook follows its own moving average
+    ema.update(model)
+    after = ema.model.state_dict()
+    torch.testing.assert_close(after["lin.weight"], before["lin.weight"] + 0.1)  # averaged
+    torch.testing.assert_close(after["learned.codebook"], model["learned"].codebook.detach())  # copied once...
+    torch.testing.assert_close(after["ema_codes.codebook"], model["ema_codes"].codebook.detach())
+    with torch.no_grad():
+        model["learned"].codebook.add_(1.0)
+    ema.update(model)  # ...then averaged like any trained weight
+    torch.testing.assert_close(ema.model.state_dict()["learned.codebook"], model["learned"].codebook.detach() - 0.9)
