@@ -136,7 +136,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0  # 0 disables
     grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 is refused, see training.make_accelerator
     ema_decay: float = 0.999  # 0 disables the EMA copy of the generator
     seed: int = 0
     log_every: int = 50

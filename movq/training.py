@@ -55,11 +55,19 @@ def list_checkpoints(directory: Union[str, os.PathLike]) -> list[Path]:
 
 
 def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
-    """CPU runs need ``cpu=True`` explicitly, or ranks under torchrun would not synchronise."""
+    """The trainers' Accelerator. CPU runs need ``cpu=True`` explicitly, or ranks under torchrun would
+    not synchronise. The schedulers step once per optimizer step (Accelerate would otherwise step them
+    once per process, making ``train.warmup_steps`` N times shorter on N GPUs)."""
+    if train_cfg.mixed_precision == "fp16":
+        raise ValueError(
+            "train.mixed_precision=fp16 is not supported: fp16 needs a loss scaler, which skips overflowing "
+            "steps itself, while these trainers skip and count non-finite steps (train.max_bad_steps) and the "
+            "tokenizer steps two optimizers per scaler update. Use bf16 (Ampere or newer GPUs) or no")
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.grad_accum,
+        step_scheduler_with_optimizer=False,
         log_with=list(train_cfg.trackers) or None,
         project_dir=project_dir,
     )

@@ -204,7 +204,7 @@ json.dump({"world": trainer.acc.num_processes, "keys": seen, "params": flat.toli
 
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path, cache, free_port):
-    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=3, grad_accum=1, eval_every=3)
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=3, grad_accum=1, eval_every=3, warmup_steps=8)
     from movq.config import save_config
 
     save_config(cfg, tmp_path / "cfg.yaml")
@@ -217,6 +217,9 @@ def test_two_process_cpu_run(tmp_path, cache, free_port):
     assert r0["world"] == r1["world"] == 2
     assert r0["params"] == r1["params"] and r0["sum"] == r1["sum"]  # ranks stayed in sync
     assert r0["keys"] and not set(r0["keys"]) & set(r1["keys"])  # and read different samples
+    # the warmup counts optimizer steps, not optimizer steps × processes
+    lrs = {s: r["lr"] for s, r in train_records(tmp_path / "run").items()}
+    assert lrs == pytest.approx({s: cfg.train.lr * (s + 1) / 8 for s in (1, 2, 3)}), lrs
 
 
 def test_rfid_with_standin_inception_weights(tmp_path, cache, monkeypatch):
@@ -241,6 +244,11 @@ def test_rfid_without_weights_goes_on(tmp_path, cache):
                    inception_weights=str(tmp_path / "missing.pth"), save_every=100)
     _, summary = fit(cfg)
     assert summary["steps"] == 2 and "val/rfid" not in summary["eval"]
+
+
+def test_fp16_is_refused_with_a_reason(tmp_path, cache):
+    with pytest.raises(ValueError, match="fp16 is not supported.*Use bf16"):
+        fit(tiny_cfg(tmp_path / "run", cache, mixed_precision="fp16"))
 
 
 def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
