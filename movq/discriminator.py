@@ -13,11 +13,10 @@ from movq.config import DiscriminatorConfig
 
 
 def _init_weights(m: nn.Module) -> None:
-    """DCGAN init: N(0, 0.02) convs, N(1, 0.02) norm scales."""
+    """DCGAN init as taming's ``weights_init``: N(0, 0.02) conv weights (biases keep PyTorch's
+    default), N(1, 0.02) norm scales and zero norm shifts."""
     if isinstance(m, nn.Conv2d):
         nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
