@@ -31,6 +31,21 @@ from movq.training import (
 )
 
 
+def mean_micro_logs(micro: list[dict]) -> dict:
+    """One optimizer step's logs: each value averaged over the micro-batches that logged it (tensors stay
+    tensors on their device, so a non-finite value in any micro-batch makes the mean non-finite)."""
+    out: dict = {}
+    for key in micro[-1]:
+        vals = [m[key] for m in micro if key in m]
+        if len(vals) == 1:
+            out[key] = vals[0]
+        elif all(isinstance(v, torch.Tensor) for v in vals):
+            out[key] = torch.stack([v.detach().float() for v in vals]).mean()
+        else:
+            out[key] = sum(float(v) for v in vals) / len(vals)
+    return out
+
+
 class TrainLoop:
     """The training loop both trainers share (DiT's train.py, Accelerate's ``complete_cv_example.py``).
 
@@ -241,13 +256,14 @@ class TrainLoop:
         self._set_train_mode()
         try:
             while self.step < t.max_steps:
-                logs = {}
+                micro = []
                 for _ in range(t.grad_accum):
                     batch = next(batches)
-                    logs = self._train_batch(batch)
+                    micro.append(self._train_batch(batch))
                     rows = self._batch_size(batch)
                     rows_since_log += rows
                     self.seen += rows * acc.num_processes
+                logs = mean_micro_logs(micro)  # the step's loss (and its finiteness check) covers every micro-batch
                 if self._optimizer_step(logs):
                     history.append({k: float(v) for k, v in logs.items()})
                 self.step += 1

@@ -313,3 +313,14 @@ def test_weight_ema_averages_trained_parameters_and_copies_the_rest():
         model["learned"].codebook.add_(1.0)
     ema.update(model)  # ...then averaged like any trained weight
     torch.testing.assert_close(ema.model.state_dict()["learned.codebook"], model["learned"].codebook.detach() - 0.9)
+
+
+def test_step_logs_average_the_micro_batches():
+    from movq.train_loop import mean_micro_logs
+
+    logs = mean_micro_logs([{"loss": torch.tensor(float("nan")), "n": 1.0},
+                            {"loss": torch.tensor(2.0), "n": 3.0, "d_loss": torch.tensor(5.0)}])
+    assert torch.isnan(logs["loss"])  # a non-finite first micro-batch is not hidden by the last one
+    assert logs["n"] == 2.0 and logs["d_loss"] == 5.0
+    logs = mean_micro_logs([{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0)}])
+    assert logs["loss"].item() == 1.5
