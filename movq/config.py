@@ -134,7 +134,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    grad_clip: float = 1.0  # 0 disables
+    grad_clip: float = 1.0  # max global grad norm, G and D each; 0 disables (taming: none; MoVQGAN: by value 1.0)
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 is refused, see training.make_accelerator
     ema_decay: float = 0.999  # 0 disables the EMA copy of the generator
