@@ -117,10 +117,11 @@ class TokenizerTrainer(TrainLoop):
             logs.update(perplexity=enc.quant.perplexity, usage=enc.quant.usage,
                         codebook_loss=enc.quant.codebook_loss, commitment_loss=enc.quant.commitment_loss)
             if gan:
-                # One discriminator call on real and fake together (DDP-friendly; BatchNorm sees both).
+                # Real and fake in separate calls, as taming: BatchNorm normalises each batch by its own
+                # statistics, as in the generator's pass above (fakes only).
                 with acc.autocast():
-                    logits = self.disc(torch.cat([x, x_rec.detach()]))
-                real, fake = logits.chunk(2)
+                    real = self.disc(x)
+                    fake = self.disc(x_rec.detach())
                 d_loss, d_logs = self.loss_fn.discriminator_loss(real, fake, step)
                 acc.backward(d_loss)
                 logs.update(d_logs)
