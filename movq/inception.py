@@ -3,11 +3,14 @@
 Reference: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
 Nash Equilibrium" (FID), computed on the pool features of the TensorFlow graph
 ``inception-2015-12-05``. This module follows the PyTorch port of that graph used by
-torch-fidelity (and, through it, torchmetrics): same layer names, so the same weights file
+torch-fidelity (and torchmetrics): same layer names, so the same weights file
 ``weights-inception-2015-12-05-6726825d.pth`` loads; the same quirks of the TF graph (average
-pools that ignore padding, a max pool in the last block, BatchNorm eps 1e-3); and the same
+pools that ignore padding, a max pool in the last block, BatchNorm eps 1e-3); and torch-fidelity's
 preprocessing (uint8 input, TF1's bilinear resize to 299×299 without half-pixel centers, then
 ``(x - 128) / 128``). Output: the 2048-d global-average-pooled features of ``Mixed_7c``.
+FIDs therefore equal torch-fidelity's, and torchmetrics' with ``antialias=False`` (its default
+antialiased resize, and pytorch-fid's ``F.interpolate`` resize, differ by about one grey level
+on 256² inputs: their FIDs are close but not identical).
 
 Nothing is downloaded. The weights file is found by :func:`resolve_weights_path`; a missing or
 altered file raises :class:`InceptionWeightsError` saying where it looked and how to get it.
