@@ -73,20 +73,27 @@ class _ShardRead:
     pending: int = 0  # read but not yet decoded (they wait in the shuffle buffer)
     good: int = 0
     done: bool = False
+    partial: bool = False  # every m-th sample only: see _ShardHealth
     reasons: Counter = field(default_factory=Counter)
+
+
+# A partial read (every m-th sample of a shard) with no usable image is an error only from this many
+# samples on: a few samples of a healthy shard may all be bad, that many in a row hardly.
+_PARTIAL_MIN = 16
 
 
 class _ShardHealth:
     """Skipping some samples is fine; a shard read to its end without one usable image is an
-    error (wrong content, or a broken writer), named in the message."""
+    error (wrong content, or a broken writer), named in the message. A partial read (shared with
+    other readers) counts only with at least ``_PARTIAL_MIN`` samples."""
 
     def __init__(self):
         self.reads: dict[int, _ShardRead] = {}
         self._ids = itertools.count()
 
-    def open(self, path: str) -> int:
+    def open(self, path: str, partial: bool = False) -> int:
         read_id = next(self._ids)
-        self.reads[read_id] = _ShardRead(path)
+        self.reads[read_id] = _ShardRead(path, partial=partial)
         return read_id
 
     def sample(self, read_id: int) -> None:
@@ -111,7 +118,7 @@ class _ShardHealth:
         if not state.done or state.pending:
             return
         del self.reads[read_id]
-        if state.good == 0:
+        if state.good == 0 and (not state.partial or state.n >= _PARTIAL_MIN):
             raise RuntimeError(
                 f"shard {state.path} is unreadable: none of its {state.n} samples holds a "
                 f"usable image" + (f" (reasons: {dict(state.reasons)})" if state.reasons else "")
@@ -191,21 +198,23 @@ class _ShardSource:
     def describe(self) -> str:
         return str(self.pattern)
 
-    def _read(self, index: int, health: _ShardHealth) -> Iterator[_Raw]:
+    def _read(self, index: int, health: _ShardHealth, offset: int = 0, stride: int = 1) -> Iterator[_Raw]:
+        """The samples of shard ``index`` at positions offset, offset + stride, ... (others are not decoded)."""
         path = self.shards[index]
-        read_id = health.open(path)
+        read_id = health.open(path, partial=stride > 1)
         n = 0
         try:
-            for key, members in iter_tar(path):
+            for key, members in itertools.islice(iter_tar(path), offset, None, stride):
                 n += 1
                 health.sample(read_id)
                 yield self._raw(key, members, read_id)
         except (tarfile.TarError, OSError, EOFError) as e:
-            if n == 0:
+            if n == 0 and offset == 0:
                 raise RuntimeError(f"shard {path} is unreadable: {type(e).__name__}: {e}") from None
-            logger.warning("shard %s breaks off after %d samples (%s); using those", path, n, e)
-            health.sample(read_id)  # the broken tail counts as one skipped sample
-            yield _Raw(f"{path}:<tail>", None, -1, read_id, skip="truncated_shard")
+            if offset == 0:  # one report per shard, also when readers share it
+                logger.warning("shard %s breaks off after %d samples (%s); using those", path, n * stride, e)
+                health.sample(read_id)  # the broken tail counts as one skipped sample
+                yield _Raw(f"{path}:<tail>", None, -1, read_id, skip="truncated_shard")
         health.close(read_id)
 
     def _raw(self, key: str, members: dict[str, bytes], read_id: int) -> _Raw:
@@ -223,12 +232,22 @@ class _ShardSource:
         return _Raw(key, members.get(ext) if ext else None, label, read_id, skip)
 
     def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health) -> Iterator[_Raw]:
-        perm = lambda p: np.random.default_rng([seed, epoch, p, 2]).permutation(len(self.shards))  # noqa: E731
+        n = len(self.shards)
+        perm = lambda p: np.random.default_rng([seed, epoch, p, 2]).permutation(n)  # noqa: E731
         # The buffer drains at the end of each pass's share, so that ranks never read ahead
         # into the next pass: within a pass, ranks see disjoint samples.
-        for share in _pass_shares(consumer, consumers, len(self.shards), perm):
-            stream = itertools.chain.from_iterable(self._read(i, health) for i in share)
-            yield from _shuffled(stream, rng, buffer)
+        if n >= consumers:  # whole shards per consumer
+            for share in _pass_shares(consumer, consumers, n, perm):
+                stream = itertools.chain.from_iterable(self._read(i, health) for i in share)
+                yield from _shuffled(stream, rng, buffer)
+            return
+        # Fewer shards than ranks x workers: the consumers k, k + n, k + 2n, ... share shard
+        # perm(p)[k mod n] of each pass, each taking every m-th sample of it (m of them share it),
+        # so every sample is read once per pass instead of every consumer reading a shard's head.
+        group = len(range(consumer % n, consumers, n))
+        for p in itertools.count():
+            shard = int(perm(p)[consumer % n])
+            yield from _shuffled(self._read(shard, health, consumer // n, group), rng, buffer)
 
     def val_stream(self, consumer, consumers, health) -> Iterator[_Raw]:
         for i in range(consumer, len(self.shards), consumers):

@@ -382,3 +382,16 @@ def test_determinism_and_resume(builtin_cfg):
     flips = DataConfig(**{**cfg.__dict__, "random_flip": False})
     assert any(not torch.equal(x["image"], y["image"])
                for x, y in zip(_batches(flips, "train"), a[:spe]))
+
+
+def test_fewer_shards_than_readers_still_cover_every_sample(tmp_path):
+    """One shard, 2 ranks x 2 workers: the four readers split its samples instead of all reading
+    its head (an epoch then sees every sample once)."""
+    for i in range(32):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        _rgb(i, 16, 16).save(tmp_path / "src" / f"{i:02d}.png")
+    make_shards.pack_folder(tmp_path / "src", tmp_path / "sh", size=16, fmt="png", labels=False, log=lambda *a: None)
+    cfg = DataConfig(source="shards", train=str(tmp_path / "sh" / "shard-000000.tar"), image_size=16,
+                     batch_size=2, num_workers=2, shuffle_buffer=8)
+    keys = [k for r in range(2) for b in _batches(cfg, "train", rank=r, world_size=2) for k in b["key"]]
+    assert len(keys) == 32 and len(set(keys)) == 32, sorted(keys)
