@@ -356,8 +356,10 @@ def build_dataloader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: 
     """Per-rank loader of dict batches (see the module docstring). ``dl.dataset`` is the
     ``ImageStream`` (``num_classes``, ``steps_per_epoch``, ``set_epoch``)."""
     ds = build_dataset(cfg, split, rank=rank, world_size=world_size, labels=labels, epoch=epoch)
+    # Its own generator: creating an iterator draws a base seed (unused: workers seed themselves),
+    # which would otherwise shift the global torch RNG (dropout, ...) of a resumed run by one draw.
     return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
 
 
 def train_batches(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, labels: bool = False,

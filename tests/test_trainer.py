@@ -59,9 +59,14 @@ def train_records(run_dir):
 
 
 def test_resume_is_bit_exact(tmp_path, cache):
-    straight, _ = fit(tiny_cfg(tmp_path / "a", cache))
-    fit(tiny_cfg(tmp_path / "b", cache, max_steps=3))
-    resumed, summary = fit(tiny_cfg(tmp_path / "b", cache, resume="latest"))
+    def cfg(run, **train):
+        c = tiny_cfg(tmp_path / run, cache, **train)
+        c.model.dropout = 0.1  # draws from the global RNG after the resume too
+        return c
+
+    straight, _ = fit(cfg("a"))
+    fit(cfg("b", max_steps=3))
+    resumed, summary = fit(cfg("b", resume="latest"))
     assert summary["steps"] == 6
     a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     for step in (4, 5, 6):
