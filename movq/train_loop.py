@@ -218,6 +218,12 @@ class TrainLoop:
         self.guard.load_state_dict(state["guard"])
         self._load_state_extra(state)
         self.seen = int(state.get(f"{self.unit}_seen", 0))
+        # Resuming an older checkpoint abandons what came after it: set its checkpoints and records aside.
+        for moved in self.checkpointer.set_aside_later(self.step):
+            self.acc.print(f"set aside {moved} (after the resumed step {self.step})")
+        dropped = self.run.rewind_metrics(self.step)
+        if dropped:
+            self.acc.print(f"moved {dropped} metrics record(s) after step {self.step} to metrics.abandoned.jsonl")
         self.acc.print(f"resumed from {path} at step {self.step}")
 
     # ------------------------------------------------------------------ the loop

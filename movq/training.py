@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -127,6 +128,25 @@ class RunDir:
         with open(self.root / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def rewind_metrics(self, step: int) -> int:
+        """After a resume at ``step``: move the records of later steps (logged by the run that was
+        interrupted or abandoned) from metrics.jsonl to metrics.abandoned.jsonl. Returns how many."""
+        path = self.root / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return 0
+        keep, later = [], []
+        for line in path.read_text().splitlines():
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a torn last line: keep it where it is
+                record_step = -1
+            (later if record_step > step else keep).append(line)
+        if later:
+            with open(self.root / "metrics.abandoned.jsonl", "a") as f:
+                f.write("".join(line + "\n" for line in later))
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        return len(later)
+
 
 class EMA:
     """Exponential moving average of a model's trained parameters.
@@ -176,12 +196,16 @@ class Checkpointer:
         return list_checkpoints(self.dir)
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """``None`` → None; ``"latest"`` → the newest complete checkpoint or None; else that folder."""
+        """``None`` → None; ``"latest"`` → the newest complete checkpoint or None (chosen by rank 0 and
+        broadcast, so every rank loads the same one); else that folder."""
         if not resume:
             return None
         if resume == "latest":
-            found = self.list()
-            return found[-1] if found else None
+            found = self.list() if self.accelerator.is_main_process else []
+            choice = [str(found[-1]) if found else None]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(choice, from_process=0)
+            return Path(choice[0]) if choice[0] else None
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"train.resume={resume}: no checkpoint there (trainer_state.json missing)")
@@ -208,6 +232,23 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def set_aside_later(self, step: int) -> list[Path]:
+        """Rank 0: rename this run's checkpoints of steps after ``step`` to ``abandoned-NNNNNNN[-i]``, so
+        that after resuming an older checkpoint ``latest`` and rotation never pick the abandoned
+        timeline (the folders stay on disk). Every rank calls it; returns the new paths."""
+        moved = []
+        if self.accelerator.is_main_process:
+            for path in self.list():
+                if int(path.name) > step:
+                    target = self.dir / f"abandoned-{path.name}"
+                    i = 1
+                    while target.exists():
+                        target, i = self.dir / f"abandoned-{path.name}-{i}", i + 1
+                    os.replace(path, target)
+                    moved.append(target)
+        self.accelerator.wait_for_everyone()
+        return moved
 
     def load(self, path: Path) -> dict:
         """Restore Accelerate's state; returns the loop counters written by the trainer."""

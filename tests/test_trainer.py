@@ -329,3 +329,20 @@ def test_step_logs_average_the_micro_batches():
     assert logs["n"] == 2.0 and logs["d_loss"] == 5.0
     logs = mean_micro_logs([{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0)}])
     assert logs["loss"].item() == 1.5
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_timeline_aside(tmp_path, cache):
+    fit(tiny_cfg(tmp_path / "a", cache, max_steps=6, save_every=3, keep_checkpoints=5))
+    ckpts = tmp_path / "a" / "checkpoints"
+    # roll back to step 3 (e.g. after a divergence) and train on to step 4
+    _, summary = fit(tiny_cfg(tmp_path / "a", cache, max_steps=4, save_every=3, resume=str(ckpts / "0000003")))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["0000003", "0000004", "abandoned-0000006"]
+    assert Path(summary["checkpoint"]).name == "0000004"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # no record of the abandoned steps 4-6 left behind
+    old = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.abandoned.jsonl").read_text().splitlines()]
+    assert {4, 5, 6} <= set(old) and min(old) == 4
+    # 'latest' now continues the new timeline
+    trainer, summary = fit(tiny_cfg(tmp_path / "a", cache, max_steps=5, save_every=3, resume="latest"))
+    assert summary["steps"] == 5 and Path(summary["checkpoint"]).name == "0000005"
