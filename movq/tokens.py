@@ -271,9 +271,10 @@ def finish_shard(directory: Union[str, os.PathLike], index: int, samples, skippe
 class TokenDataset:
     """One rank's share of a token folder, in memory.
 
-    With at least ``world_size`` shards a rank takes shards ``rank, rank + W, ...``; with fewer,
-    every rank reads all of them and keeps samples ``rank, rank + W, ...``. Either way the ranks'
-    samples are disjoint.
+    The folder's N samples (shards in manifest order) are split into W contiguous ranges of
+    ⌊N/W⌋ or ⌈N/W⌉: rank r keeps samples ``[⌊rN/W⌋, ⌊(r+1)N/W⌋)`` and reads only the shards that
+    overlap them. The ranks' samples are disjoint, cover the folder, and are as many on every rank
+    (up to one), so every sample is trained on equally often whatever the shard sizes.
     """
 
     def __init__(self, directory: Union[str, os.PathLike], *, rank: int = 0, world_size: int = 1, verify: bool = True):
@@ -285,19 +286,22 @@ class TokenDataset:
         self.codebook_size = int(m["codebook_size"])
         self.classes: list[str] = list(m["classes"])
         self.rank, self.world_size = rank, world_size
-        entries = [s for s in m["shards"] if s["count"] > 0]
-        by_shard = len(entries) >= world_size
-        mine = entries[rank::world_size] if by_shard else entries
-        tokens, labels = [], []
-        for s in mine:
+        total = sum(int(s["count"]) for s in m["shards"])
+        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+        tokens, labels, start = [], [], 0
+        for s in m["shards"]:
+            first, start = start, start + int(s["count"])
+            if start <= lo or first >= hi or start == first:  # not in this rank's range, or empty
+                continue
             _, t, lab = read_token_shard(self.directory / s["name"], self.shape, self.codebook_size,
                                          s["sha256"] if verify else None)
-            tokens.append(t)
-            labels.append(lab)
+            if len(t) != int(s["count"]):
+                raise TokenDataError(f"{self.directory / s['name']}: {len(t)} samples, the manifest says {s['count']}")
+            a, b = max(lo, first) - first, min(hi, start) - first
+            tokens.append(t[a:b])
+            labels.append(lab[a:b])
         tok = np.concatenate(tokens) if tokens else np.zeros((0, *self.shape), np.uint16)
         lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        if not by_shard:
-            tok, lab = tok[rank::world_size], lab[rank::world_size]
         if len(tok) == 0:
             raise TokenDataError(f"{directory}: rank {rank} of {world_size} got no token samples ({m['count']} in all)")
         if self.classes and ((lab < 0) | (lab >= len(self.classes))).any():

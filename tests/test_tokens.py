@@ -220,9 +220,10 @@ def test_batches_resume_and_rank_split(tmp_path):
     assert sorted(first_epoch) == list(range(15))  # each sample once per epoch
     assert _ids(full[0]["tokens"]) != _ids(list(itertools.islice(ds.batches(4, seed=2), 1))[0]["tokens"])
 
-    for world in (2, 4):  # shards split by rank (3 shards ≥ 2 ranks), or samples (3 < 4)
+    for world in (2, 4, 15):  # 3 shards of 5: ranks split shards, whatever their number
         parts = [set(_ids(TokenDataset(tmp_path / "t", rank=r, world_size=world).tokens)) for r in range(world)]
         assert sum(map(len, parts)) == 15 and set().union(*parts) == set(range(15))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced: 8/7, not 10/5 by whole shards
     tiny = list(itertools.islice(TokenDataset(tmp_path / "t", rank=0, world_size=4).batches(8), 2))
     assert tiny[0]["tokens"].shape == (8, 2, 4, 4)  # a rank with fewer samples than a batch still works
 
