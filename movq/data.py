@@ -44,6 +44,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
@@ -220,6 +221,10 @@ class ImageStream(IterableDataset):
                     f"dataset built for {self.num_workers} workers but the DataLoader has "
                     f"{info.num_workers}: use build_dataloader, or the same data.num_workers"
                 )
+            # The main process handles SIGINT / SIGTERM (save, then stop); a worker keeps serving batches
+            # until then instead of running the inherited handler (its log line) or dying mid-step.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             yield from self._worker(info.id)
             return
         # Iterated in-process: interleave the workers' streams exactly as DataLoader would
