@@ -116,6 +116,10 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(tmp_path, tok, f
         if p.name != "tokens-000001.tar":
             assert p.stat().st_mtime_ns == stamps[p.name]  # the others were not rewritten
     capsys.readouterr()
+    # an input file renamed: still 4 shards of 2, but other inputs in them: refused, not mixed
+    (folder / "cat" / "0.v1.png").rename(folder / "cat" / "0.v0.png")
+    assert run_tool("--tokenizer", tok, folder, out, "--shard-size", "2") == 2
+    assert "inputs_sha256" in capsys.readouterr().err
     assert run_tool("--tokenizer", tok, folder, out, "--shard-size", "3") == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "shard_size" in err

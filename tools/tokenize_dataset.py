@@ -21,6 +21,7 @@ an input shard unreadable from its start (not a tar, empty, truncated) is an err
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -313,6 +314,9 @@ def main(argv=None) -> int:
             "classes": plan.classes, "tokenizer": str(tok_dir.resolve()),
             "tokenizer_sha256": file_digest(tok_dir / "model.safetensors"), "image_size": size,
             "source": source, "data": plan.root, "shard_size": args.shard_size, "num_shards": len(plan.chunks),
+            # which files (and labels) make each shard: a rerun after the input changed is refused
+            # rather than mixing old shards with shards cut on new boundaries
+            "inputs_sha256": hashlib.sha256(json.dumps([[c.files, c.shard] for c in plan.chunks]).encode()).hexdigest(),
         }
         try:
             prepare_output(args.out, spec, overwrite=args.overwrite)
