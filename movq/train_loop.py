@@ -198,8 +198,15 @@ class TrainLoop:
     # ------------------------------------------------------------------ checkpoints
     def _write_extra(self, folder: Path) -> None:
         self._write_weights(folder)
-        state = {"step": self.step, "guard": self.guard.state_dict(), **self._state_extra(), f"{self.unit}_seen": self.seen}
+        state = {"step": self.step, "guard": self.guard.state_dict(), **self._state_extra(), f"{self.unit}_seen": self.seen,
+                 "data_layout": self._data_layout()}
         write_trainer_state(folder, state)
+
+    def _data_layout(self) -> dict:
+        """What the data position of a resume (step × grad_accum batches per rank) depends on."""
+        t = self.cfg.train
+        return {"world_size": self.acc.num_processes, "grad_accum": t.grad_accum,
+                "batch_size": self.cfg.data.batch_size, "seed": self.cfg.data.seed}
 
     def save(self) -> Path:
         path = self.checkpointer.save(self.step, self._write_extra)
@@ -218,6 +225,11 @@ class TrainLoop:
         self.guard.load_state_dict(state["guard"])
         self._load_state_extra(state)
         self.seen = int(state.get(f"{self.unit}_seen", 0))
+        saved, now = state.get("data_layout"), self._data_layout()
+        if saved is not None and saved != now:
+            changed = ", ".join(f"{k} {saved.get(k)} → {now[k]}" for k in now if saved.get(k) != now[k])
+            self.acc.print(f"warning: resuming with another data layout ({changed}): the data stream goes on at "
+                           f"step {self.step} of the new layout, so samples of this epoch may repeat or be missed")
         # Resuming an older checkpoint abandons what came after it: set its checkpoints and records aside.
         for moved in self.checkpointer.set_aside_later(self.step):
             self.acc.print(f"set aside {moved} (after the resumed step {self.step})")

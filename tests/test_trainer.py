@@ -346,3 +346,13 @@ def test_resuming_an_older_checkpoint_sets_the_later_timeline_aside(tmp_path, ca
     # 'latest' now continues the new timeline
     trainer, summary = fit(tiny_cfg(tmp_path / "a", cache, max_steps=5, save_every=3, resume="latest"))
     assert summary["steps"] == 5 and Path(summary["checkpoint"]).name == "0000005"
+
+
+def test_resume_with_another_data_layout_warns(tmp_path, cache, capsys):
+    fit(tiny_cfg(tmp_path / "a", cache, max_steps=2, save_every=2))
+    capsys.readouterr()
+    fit(tiny_cfg(tmp_path / "a", cache, max_steps=3, grad_accum=1, resume="latest"))
+    out = capsys.readouterr().out
+    assert "another data layout (grad_accum 2 → 1)" in out
+    fit(tiny_cfg(tmp_path / "a", cache, max_steps=4, grad_accum=1, resume="latest"))
+    assert "another data layout" not in capsys.readouterr().out
