@@ -131,7 +131,7 @@ def _inv_norm(z_ptr, zoff, mask_n, D, s_c, BLOCK_N: tl.constexpr, BLOCK_D: tl.co
         m = mask_n[:, None] & (offs_d < D)[None, :]
         x = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_c, mask=m, other=0.0).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
-    return 1.0 / tl.maximum(tl.sqrt(ss), 1e-6)
+    return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(ss), 1e-6))  # IEEE-rounded (plain sqrt / '/' are approximate)
 
 
 @triton.jit
@@ -165,15 +165,16 @@ def _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n,
         tl.store(zq_ptr + qoff[:, None] + cols * s_qc, _cast_out(e, zq_ptr.dtype.element_ty, BF16_BITS), mask=m)
     tl.store(idx_ptr + offs_n, code, mask=mask_n)
     tl.store(sqerr_ptr + offs_n, sq, mask=mask_n)
-    # integer atomics: the counts are exact whatever the order
-    tl.atomic_add(counts_ptr + best_i, tl.full([BLOCK_N], 1, tl.int32), mask=mask_n)
+    # integer atomics: the counts are exact whatever the order; relaxed: no ordering with other memory is needed
+    # (the default acq_rel semantics compiles to a memory barrier around every atomic)
+    tl.atomic_add(counts_ptr + best_i, tl.full([BLOCK_N], 1, tl.int32), mask=mask_n, sem="relaxed")
 
 
 # DOT_PRECISION is in the key because prune_search_configs picks tensor-core or FMA shapes by it: without it an
 # fp32 call with allow_tf32 would hand its tuned tensor-core tile to later exact (ieee) calls of the same size.
 @triton.autotune(configs=search_configs(), key=["K", "D_PAD", "N_LOG2", "SPLIT", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_search_configs}, reset_to_zero=["counts_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["N_LOG2"])  # a tuning key only: its divisibility by 16 must not recompile
 def _vq_search_kernel(
     z_ptr, cbd_ptr, hn_ptr, cbf_ptr,  # z [B, C*D, H, W]; codebook [K, D] in the dot dtype; 0.5||e||^2 [K]; fp32 [K, D]
     zq_ptr, idx_ptr, counts_ptr, sqerr_ptr,  # outputs when FUSED (SPLIT == 1)
@@ -299,8 +300,8 @@ def _vq_backward_kernel(
     zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
     x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32)
     if COSINE:
-        nrm = tl.sqrt(tl.sum(x * x, axis=1))
-        inv = 1.0 / tl.maximum(nrm, 1e-6)
+        nrm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        inv = tl.div_rn(1.0, tl.maximum(nrm, 1e-6))
         x = x * inv[:, None]
     code = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
     e = tl.load(cbf_ptr + code[:, None] * D + cols, mask=m, other=0.0)
@@ -317,7 +318,7 @@ def _vq_backward_kernel(
         tl.store(gz_ptr + ooff[:, None] + cols * s_oc, _cast_out(g, gz_ptr.dtype.element_ty, BF16_BITS), mask=m)
     if ATOMIC_CB:
         c_cb = tl.load(scale_ptr)
-        tl.atomic_add(gcb_ptr + code[:, None] * D + cols, c_cb * (e - x), mask=m)
+        tl.atomic_add(gcb_ptr + code[:, None] * D + cols, c_cb * (e - x), mask=m, sem="relaxed")
 
 
 @triton.jit
@@ -344,7 +345,7 @@ def _vq_codebook_grad_kernel(
         zoff = _row_offsets(n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
         x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32)
         if COSINE:
-            x = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-6)[:, None]
+            x = x * tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), 1e-6))[:, None]
         acc += tl.where(m, e[None, :] - x, 0.0)
     c_cb = tl.load(scale_ptr)
     tl.store(gcb_ptr + k * D + offs_d, tl.sum(acc, axis=0) * c_cb, mask=mask_d)
@@ -387,7 +388,10 @@ def _vq_forward(z: Tensor, cbf: Tensor, channels: int, *, cosine: bool, allow_tf
     counts = torch.zeros(K, dtype=torch.int32, device=z.device)
     sqerr = torch.empty(N, dtype=torch.float32, device=z.device)
     split = split_k if split_k is not None else _split_k(N, K, z.device)
-    split = max(1, min(split, K))
+    split = max(1, min(split, K, 65535))  # the grid's second dimension
+    if K * D >= 2**31 or split * N >= 2**31:
+        raise ValueError(f"multichannel_vq: codebook {K}x{D} or {split} x {N} partial results exceed the triton "
+                         "backend's int32 indexing (< 2**31); use backend='torch'")
     fused = split == 1
     pval = torch.empty((split, N) if not fused else (1,), dtype=torch.float32, device=z.device)
     pidx = torch.empty((split, N) if not fused else (1,), dtype=torch.int32, device=z.device)
@@ -532,19 +536,24 @@ def resolve_backend(z: Tensor, backend: Optional[str] = None) -> str:
 
 
 def multichannel_vq(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool = False,
-                    backend: Optional[str] = None, deterministic: bool = False, allow_tf32: bool = False,
-                    chunk_size: int = 8192) -> VQResult:
+                    backend: Optional[str] = None, deterministic: Optional[bool] = None,
+                    allow_tf32: Optional[bool] = None, chunk_size: int = 8192) -> VQResult:
     """Nearest-code search + straight-through assignment for multichannel VQ.
 
     z [B, C*d, h, w] (fp32/bf16/fp16), codebook [K, d] -> VQResult(z_q, indices, counts, codebook_loss,
     commitment_loss). ``backend``: "triton" | "torch" | None (=$MOVQ_VQ_BACKEND, else triton on CUDA,
-    torch elsewhere). ``deterministic``: Triton backward without float atomics (bit-reproducible).
-    ``allow_tf32``: fp32 inputs may search with tf32 tensor cores. ``chunk_size``: rows per chunk of the
-    torch search.
+    torch elsewhere). ``deterministic``: Triton backward without float atomics (bit-reproducible); None
+    follows ``torch.are_deterministic_algorithms_enabled()``. ``allow_tf32``: fp32 inputs may search with
+    tf32 tensor cores; None follows ``torch.backends.cuda.matmul.allow_tf32``. ``chunk_size``: rows per
+    chunk of the torch search.
     """
     _check_inputs(z, codebook, channels, chunk_size)
     if resolve_backend(z, backend) == "torch":
         return multichannel_vq_ref(z, codebook, channels, cosine=cosine, chunk_size=chunk_size)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     return _multichannel_vq_triton(z, codebook, channels, cosine=cosine, deterministic=deterministic,
                                    allow_tf32=allow_tf32)
 

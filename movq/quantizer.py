@@ -141,7 +141,7 @@ class MultichannelQuantizer(nn.Module):
             )
         if z.numel() == 0:  # the losses, usage and k-means init are undefined on no vectors
             raise ValueError(f"quantizer got an empty input of shape {tuple(z.shape)}")
-        if self.training and not bool(self.initted):
+        if self.training and cfg.kmeans_init and not bool(self.initted):  # bool(): a host sync, k-means only
             self._kmeans_init(z.detach())
 
         res = multichannel_vq(z, self.codebook, cfg.channels, cosine=cfg.cosine, chunk_size=cfg.chunk_size)
@@ -187,14 +187,16 @@ class MultichannelQuantizer(nn.Module):
         if cfg.ema:
             embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, indices.flatten(), flat)
             _all_reduce_(embed_sum)
-            if bool(torch.isfinite(embed_sum).all()):
-                self.cluster_size.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
-                self.embed_avg.mul_(cfg.ema_decay).add_(embed_sum, alpha=1 - cfg.ema_decay)
-                # Laplace smoothing keeps codes with no hits from dividing by zero (Sonnet's VQ-VAE-EMA).
-                n = self.cluster_size.sum()
-                eps = 1e-5
-                smoothed = (self.cluster_size + eps) / (n + cfg.codebook_size * eps) * n
-                self.codebook.data.copy_(self.embed_avg / smoothed.unsqueeze(1))
+            finite = torch.isfinite(embed_sum).all()  # a tensor: selecting with it needs no host sync
+            cluster_size = torch.lerp(self.cluster_size, counts, 1 - cfg.ema_decay)
+            embed_avg = torch.lerp(self.embed_avg, embed_sum, 1 - cfg.ema_decay)
+            self.cluster_size.copy_(torch.where(finite, cluster_size, self.cluster_size))
+            self.embed_avg.copy_(torch.where(finite, embed_avg, self.embed_avg))
+            # Laplace smoothing keeps codes with no hits from dividing by zero (Sonnet's VQ-VAE-EMA).
+            n = self.cluster_size.sum()
+            eps = 1e-5
+            smoothed = (self.cluster_size + eps) / (n + cfg.codebook_size * eps) * n
+            self.codebook.data.copy_(self.embed_avg / smoothed.unsqueeze(1))
         if cfg.dead_code_threshold > 0:
             dead = self.usage_ema < cfg.dead_code_threshold
             if bool(dead.any()):
