@@ -250,8 +250,9 @@ class ImageStream(IterableDataset):
             quota = len(range(w, self.steps_per_epoch, self.num_workers))
             if quota == 0:
                 return
-            raws = self.source.train_stream(self.epoch, self.seed, consumer, consumers,
-                                            shuffle_rng, self.shuffle_buffer, health)
+            raws = self.source.train_stream(self.epoch, self.seed, consumer, consumers, shuffle_rng,
+                                            self.shuffle_buffer, health, batch=self.batch_size,
+                                            workers=self.num_workers)
         else:
             quota = None
             raws = self.source.val_stream(consumer, consumers, health)

@@ -166,10 +166,18 @@ class _FolderSource:
             return _Raw(self.files[i], None, int(self.labels[i]), i, skip="io_error")
         return _Raw(self.files[i], data, int(self.labels[i]), i)
 
-    def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health) -> Iterator[_Raw]:
+    def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health, *, batch=1,
+                     workers=1) -> Iterator[_Raw]:
+        """Rank r's files are positions r, r + W, ... of the passes' permutations; its worker w takes the
+        batches j = w, w + workers, ... of B consecutive ones, which is the order in which the DataLoader
+        hands them out. So every file of a rank's share is used once per epoch, whatever the number of
+        workers (consumer = rank + W * worker, as for shards)."""
+        world = consumers // workers
+        rank, worker = consumer % world, consumer // world
         perm = lambda p: np.random.default_rng([seed, epoch, p, 1]).permutation(self.count)  # noqa: E731
-        for share in _pass_shares(consumer, consumers, self.count, perm):
-            for i in share:
+        rank_files = itertools.chain.from_iterable(_pass_shares(rank, world, self.count, perm))
+        for j, i in enumerate(rank_files):
+            if (j // batch) % workers == worker:
                 yield self._sample(i)
 
     def val_stream(self, consumer, consumers, health) -> Iterator[_Raw]:
@@ -231,7 +239,7 @@ class _ShardSource:
             skip = "not_image"
         return _Raw(key, members.get(ext) if ext else None, label, read_id, skip)
 
-    def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health) -> Iterator[_Raw]:
+    def train_stream(self, epoch, seed, consumer, consumers, rng, buffer, health, **_) -> Iterator[_Raw]:
         n = len(self.shards)
         perm = lambda p: np.random.default_rng([seed, epoch, p, 2]).permutation(n)  # noqa: E731
         # The buffer drains at the end of each pass's share, so that ranks never read ahead

@@ -395,3 +395,16 @@ def test_fewer_shards_than_readers_still_cover_every_sample(tmp_path):
                      batch_size=2, num_workers=2, shuffle_buffer=8)
     keys = [k for r in range(2) for b in _batches(cfg, "train", rank=r, world_size=2) for k in b["key"]]
     assert len(keys) == 32 and len(set(keys)) == 32, sorted(keys)
+
+
+@pytest.mark.parametrize("workers", [1, 3, 4])
+def test_folder_epoch_uses_every_file_once_whatever_the_workers(tmp_path, workers):
+    """10 batches of 10 from 100 files: each worker takes whole batches of its rank's share in the
+    order the DataLoader hands them out, so no worker runs short or reads into the next pass."""
+    for i in range(100):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        _rgb(i, 8, 8).save(tmp_path / "img" / f"{i:03d}.png")
+    cfg = DataConfig(source="folder", train=str(tmp_path / "img"), image_size=8, batch_size=10,
+                     num_workers=workers)
+    keys = _keys(_batches(cfg, "train"))
+    assert len(keys) == 100 and len(set(keys)) == 100
