@@ -15,7 +15,10 @@ for High-Resolution Image Synthesis", CVPR 2021) with single-channel quantizatio
 All three quantizers are taming's ``VectorQuantizer2`` with ``legacy=True``, which puts β on the
 codebook term; converted configs say so with ``quantizer.beta_on="codebook"``. taming's optional
 index remapping (a ``quantize.used`` buffer) becomes a codebook of only the used codes, in ``used``
-order, so token ids equal taming's remapped ids.
+order, so token ids equal taming's remapped ids wherever the nearest code is a used one. Where it is
+not, taming quantizes to that unused code and gives it a random id; the converted model takes the
+nearest used code instead (deterministic). ``--remap full`` keeps every code and taming's original
+ids, for reconstructions equal to taming's everywhere.
 
 A conversion is all-or-nothing: a source key that no movq key takes (other than the loss /
 discriminator, EMA copies and the remap table, which are dropped by name), a movq key without a
@@ -263,9 +266,16 @@ def _format_hint(state: dict, expected: str) -> str:
         guess = "taming"
     else:
         marker = ".encoder.conv_in.weight"
-        prefixed = sorted(k[: -len(marker)] for k in keys if k.endswith(marker))
+        # the tokenizer of a taming / LDM model is its first stage; list it first, then any other (cond_stage_model.)
+        prefixed = sorted((k[: -len(marker)] for k in keys if k.endswith(marker)),
+                          key=lambda p: (p != "first_stage_model", p))
         if prefixed:
-            return f" (the model sits under '{prefixed[0]}.': pass --prefix {prefixed[0]}.)"
+            options = " or ".join(f"--prefix {p}." for p in prefixed)
+            return f" (the model sits under {', '.join(repr(p + '.') for p in prefixed)}: pass {options})"
+        if any(k.startswith(("ema_encoder.", "model_ema.")) for k in keys) and not any(
+                k.startswith("encoder.") for k in keys):
+            return (" (only EMA copies of the weights are in this file (ema_* / model_ema.* keys); convert "
+                    "the checkpoint that holds the model's own weights)")
         return f" (first keys: {keys[:4]})"
     return "" if guess == expected else f" (the keys look like a {guess} checkpoint: try --from {guess})"
 
@@ -530,7 +540,9 @@ def convert(source: str, src: Union[str, os.PathLike], *, source_config: Union[s
                                f"(a diffusers VQModel folder? use --from diffusers)")
         state = load_checkpoint(src)
         origin = str(src)
-        src_cfg = _ddconfig_from_yaml(_read_yaml(source_config), str(source_config)) if source_config else None
+        src_cfg = None
+        if source_config:
+            src_cfg = _reading(source_config, _ddconfig_from_yaml, _read_yaml(source_config), str(source_config))
         if prefix:
             inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not inside:

@@ -510,6 +510,20 @@ def test_other_architectures(tmp_path, capsys):
     torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in vqgan_state_dict().items()}}, prefixed)
     assert "--prefix first_stage_model." in run_cli_error(capsys, "--from", "taming", prefixed, tmp_path / "o")
     assert cli(["--from", "taming", str(prefixed), str(tmp_path / "o"), "--prefix", "first_stage_model."]) == 0
+    # a transformer with a VQ conditioning stage too: both named, the first stage first
+    both = tmp_path / "cond_transformer.ckpt"
+    torch.save({"state_dict": {f"{p}.{k}": v for p in ("cond_stage_model", "first_stage_model")
+                               for k, v in vqgan_state_dict().items()}}, both)
+    assert "pass --prefix first_stage_model. or --prefix cond_stage_model." in run_cli_error(
+        capsys, "--from", "taming", both, tmp_path / "o2")
+    ema_only = tmp_path / "ema_only.pt"
+    torch.save({f"ema_{k.split('.', 1)[0]}.{k.split('.', 1)[1].replace('.', '')}": v  # LitEma per module
+                for k, v in vqgan_state_dict().items()}, ema_only)
+    assert "only EMA copies" in run_cli_error(capsys, "--from", "taming", ema_only, tmp_path / "o3")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: foo\n")
+    assert "unexpected value in the source config" in run_cli_error(
+        capsys, "--from", "taming", tmp_path / "taming.pt", tmp_path / "o4", "--source-config", bad_yaml)
 
 
 def test_unmapped_and_missing_keys_are_listed(tmp_path):
