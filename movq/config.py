@@ -31,7 +31,9 @@ class ModelConfig:
 
     in_channels: int = 3
     out_channels: int = 3
-    resolution: int = 256  # only used to place attention (attn_resolutions are feature-map sizes)
+    # The training image size: it places attention (attn_resolutions are feature-map sizes) and is the
+    # default image size of tools/tokenize_dataset.py and tools/fid.py (converted checkpoints: 256, nominal).
+    resolution: int = 256
     base_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # len(channel_mult) - 1 downsamplings
     num_res_blocks: int = 2
