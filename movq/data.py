@@ -221,10 +221,11 @@ class ImageStream(IterableDataset):
                     f"dataset built for {self.num_workers} workers but the DataLoader has "
                     f"{info.num_workers}: use build_dataloader, or the same data.num_workers"
                 )
-            # The main process handles SIGINT / SIGTERM (save, then stop); a worker keeps serving batches
-            # until then instead of running the inherited handler (its log line) or dying mid-step.
+            # Ctrl-C reaches the whole foreground group: the main process handles it (save, then stop), so a
+            # worker ignores it and keeps serving batches until then. SIGTERM gets its default back (not the
+            # trainer's inherited handler): the main process's cleanup terminates workers with it.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             yield from self._worker(info.id)
             return
         # Iterated in-process: interleave the workers' streams exactly as DataLoader would

@@ -318,6 +318,7 @@ class TrainLoop:
             }
         finally:
             stop.restore()
+            batches.close()  # shut the loader's workers down now, also after an error
             if progress is not None:
                 progress.close()
             acc.end_training()  # closes trackers (and the process group)

@@ -356,3 +356,28 @@ def test_resume_with_another_data_layout_warns(tmp_path, cache, capsys):
     assert "another data layout (grad_accum 2 → 1)" in out
     fit(tiny_cfg(tmp_path / "a", cache, max_steps=4, grad_accum=1, resume="latest"))
     assert "another data layout" not in capsys.readouterr().out
+
+
+FAILING_EVAL_SCRIPT = """
+import sys
+import movq.trainer as T
+from movq.config import TokenizerConfig, load_config
+def evaluate(self):
+    raise RuntimeError("boom in evaluate")
+T.TokenizerTrainer.evaluate = evaluate
+T.TokenizerTrainer(load_config(TokenizerConfig, sys.argv[1])).fit()
+"""
+
+
+def test_an_error_with_loader_workers_running_exits(tmp_path, cache):
+    """The loader's worker processes must not keep a failed run alive (they once ignored SIGTERM, and
+    the interpreter's exit waited for them forever)."""
+    from movq.config import save_config
+
+    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=2, grad_accum=1, eval_every=1)
+    cfg.data.num_workers = 1
+    save_config(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "script.py").write_text(FAILING_EVAL_SCRIPT)
+    res = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml")], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "boom in evaluate" in res.stderr, res.stderr[-2000:]
