@@ -8,6 +8,7 @@ hooks. The pieces it is built from (run folder, EMA, checkpoints, NaN guard, sig
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -21,9 +22,11 @@ from movq.config import to_dict
 from movq.training import (
     EMA,
     Checkpointer,
+    ResumeError,
     RunDir,
     StepGuard,
     StopFlag,
+    list_checkpoints,
     load_state_dict,
     make_accelerator,
     mean_logs,
@@ -69,17 +72,20 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ construction
     def _setup(self, cfg: Any, accelerator: Optional[Accelerator]) -> None:
-        """Check the loop settings, make the Accelerator and the run folder (writes config.yaml)."""
+        """Check the loop settings, make the Accelerator and the run folder (``fit`` writes config.yaml)."""
         t = cfg.train
         if t.grad_accum < 1 or t.max_steps < 0:
             raise ValueError("train.grad_accum must be ≥ 1 and train.max_steps ≥ 0")
         if min(t.log_every, t.eval_every, t.save_every) < 1:  # fit() takes the step modulo each
             raise ValueError(f"train.log_every, train.eval_every and train.save_every must be ≥ 1, "
                              f"got {t.log_every}, {t.eval_every}, {t.save_every}")
+        found = list_checkpoints(Path(t.run_dir) / "checkpoints") if (Path(t.run_dir) / "checkpoints").is_dir() else []
+        if found and not t.resume:
+            raise ValueError(f"{t.run_dir} already holds checkpoints (newest: {found[-1].name}): pass "
+                             "train.resume=latest to continue that run, or another train.run_dir")
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(t, t.run_dir)
         self.run = RunDir(t.run_dir, self.acc.is_main_process)
-        self.run.save_config(cfg)
 
     def _make_ema(self, model: nn.Module) -> Optional[EMA]:
         """An EMA of ``model`` on the accelerator's device, or None when ``train.ema_decay`` is 0."""
@@ -217,8 +223,16 @@ class TrainLoop:
         """Restore the checkpoint ``train.resume`` names (or the newest, for ``latest``), if any."""
         path = self.checkpointer.resolve(self.cfg.train.resume)
         if path is None:
+            if self.cfg.train.resume:
+                self.acc.print(f"train.resume={self.cfg.train.resume}: no checkpoint in {self.checkpointer.dir} "
+                               "yet, starting from step 0")
             return
-        state = self.checkpointer.load(path)
+        try:
+            state = self.checkpointer.load(path)
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, size mismatches
+            raise ResumeError(f"train.resume: {path} does not fit this config's model "
+                              f"({str(e).strip().splitlines()[-1].strip()}); {path.parent.parent / 'config.yaml'} "
+                              "says how that run was configured") from None
         if self.ema is not None:
             load_state_dict(self.ema.model, path / "ema" / "model.safetensors")
         self.step = int(state["step"])
@@ -260,11 +274,13 @@ class TrainLoop:
         ``_summary_extra`` entries, run folder, newest checkpoint)."""
         acc, t = self.acc, self.cfg.train
         self.resume()
+        self.run.save_config(self.cfg)  # after the resume: a config its checkpoint does not fit is not written
         batches = self._batches(self.step * t.grad_accum)
         stop = StopFlag()
         history: list[dict] = []
         last_eval: dict = {}
         t_start = t_log = time.time()
+        stopped = None
         rows_since_log = 0
         progress = None
         if acc.is_main_process:
@@ -304,6 +320,7 @@ class TrainLoop:
                     acc.print(f"stopping at step {self.step} on request")
                     if not saved:
                         self.save()
+                    stopped = stop.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
                     break
             # Inside the try: the summary may gather over ranks, before end_training ends the group.
             found = self.checkpointer.list()
@@ -315,6 +332,7 @@ class TrainLoop:
                 **self._summary_extra(),
                 "run_dir": str(self.run.root),
                 "checkpoint": str(found[-1]) if found else None,
+                "stopped_by_signal": int(stopped) if stopped else None,  # SIGINT / SIGTERM before max_steps
             }
         finally:
             stop.restore()

@@ -264,6 +264,10 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
+class ResumeError(ValueError):
+    """``train.resume`` names a checkpoint that this config's model cannot load."""
+
+
 class StepGuard:
     """Decides whether a step's loss and gradient norms are finite; counts and bounds the skips."""
 
@@ -307,6 +311,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None  # the signal this process got, if any
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -318,7 +323,7 @@ class StopFlag:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def should_stop(self, device: torch.device) -> bool:
         if not is_distributed():

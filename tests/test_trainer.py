@@ -179,7 +179,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out.decode()[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, out.decode()[-2000:]  # saved, and says it stopped early
+    assert "no evaluation yet" in out.decode()
     ckpts = [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")]
     assert len(ckpts) == 1
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
@@ -381,3 +382,17 @@ def test_an_error_with_loader_workers_running_exits(tmp_path, cache):
     res = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path / "cfg.yaml")], env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "boom in evaluate" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_run_folder_is_not_reused_by_accident(tmp_path, cache):
+    from movq.training import ResumeError
+
+    fit(tiny_cfg(tmp_path / "a", cache, max_steps=2, save_every=2))
+    config = (tmp_path / "a" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="already holds checkpoints .*train.resume=latest"):
+        fit(tiny_cfg(tmp_path / "a", cache, max_steps=4))
+    other = tiny_cfg(tmp_path / "a", cache, max_steps=4, resume="latest")
+    other.model.base_channels = 16  # not the model that was saved
+    with pytest.raises(ResumeError, match="does not fit this config's model"):
+        fit(other)
+    assert (tmp_path / "a" / "config.yaml").read_text() == config  # the run's record is left as it was

@@ -45,9 +45,10 @@ def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     """Load the config, build the trainer and fit; returns ``(trainer, summary, exit_code)``.
 
     Bad configs, missing files and bad settings are one ``error:`` line and exit code 2 (``trainer``
-    and ``summary`` are then None where not built); too many non-finite steps in a row give 3."""
+    and ``summary`` are then None where not built); too many non-finite steps in a row give 3; a run
+    stopped early by SIGINT / SIGTERM (checkpoint saved) gives 128 + the signal (130 / 143)."""
     from movq.config import ConfigError, load_config
-    from movq.training import NonFiniteError
+    from movq.training import NonFiniteError, ResumeError
 
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
@@ -56,7 +57,12 @@ def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
         print(f"error: {e}", file=sys.stderr)
         return None, None, 2
     try:
-        return trainer, trainer.fit(), 0
+        summary = trainer.fit()
+        # stopped by SIGINT / SIGTERM (checkpoint saved): 128 + the signal, so a chained script stops too
+        return trainer, summary, 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return trainer, None, 2
     except NonFiniteError as e:
         trainer.acc.print(f"error: {e}")
         return trainer, None, 3

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
+rm -rf runs/tiny  # a fresh demo each time (the trainers refuse to start over in a folder with checkpoints)
 $py tools/train_tokenizer.py --config configs/tiny.yaml "$@"
 $py tools/tokenize_dataset.py --tokenizer runs/tiny builtin runs/tiny/tokens --overwrite
 $py tools/train_prior.py --config configs/maskgit_tiny.yaml

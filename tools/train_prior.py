@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from movq.prior_trainer import PriorConfig, PriorTrainer
 
     trainer, summary, code = build_and_fit(PriorConfig, PriorTrainer, args)
-    if code:
+    if summary is None:
         return code
     if trainer.acc.is_main_process:
         ev, m = summary["eval"], trainer.cfg.model
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             f" inpainting:   {ev.get('inpaint', '-')}",
         ]
         print(summary_banner(summary, trainer.acc, body, f"tools/sample.py --checkpoint {summary['run_dir']}"))
-    return 0
+    return code  # 0, or 128 + the signal that stopped the run early
 
 
 if __name__ == "__main__":

@@ -24,18 +24,19 @@ def main(argv=None) -> int:
     from movq.trainer import TokenizerTrainer
 
     trainer, summary, code = build_and_fit(TokenizerConfig, TokenizerTrainer, args)
-    if code:
+    if summary is None:
         return code
     if trainer.acc.is_main_process:
         ev = summary["eval"]
         body = [
-            f" held-out PSNR {ev.get('val/psnr', float('nan')):.2f} dB   SSIM {ev.get('val/ssim', float('nan')):.3f}"
-            + (f"   LPIPS {ev['val/lpips']:.3f}" if "val/lpips" in ev else ""),
-            f" codebook usage {100 * ev.get('val/codebook_usage', float('nan')):.1f}%   perplexity {ev.get('val/perplexity', float('nan')):.1f}",
+            f" held-out PSNR {ev['val/psnr']:.2f} dB   SSIM {ev['val/ssim']:.3f}"
+            + (f"   LPIPS {ev['val/lpips']:.3f}" if "val/lpips" in ev else "")
+            + f"\n codebook usage {100 * ev['val/codebook_usage']:.1f}%   perplexity {ev['val/perplexity']:.1f}"
+            if "val/psnr" in ev else " no evaluation yet (stopped before the first one)",
             f" non-finite steps skipped: {summary['bad_steps']}   data skipped: {summary['data_skipped'] or 'none'}",
         ]
         print(summary_banner(summary, trainer.acc, body, "model/, ema/ load with MoVQ.from_pretrained"))
-    return 0
+    return code  # 0, or 128 + the signal that stopped the run early
 
 
 if __name__ == "__main__":
