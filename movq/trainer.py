@@ -24,7 +24,7 @@ from accelerate.utils import gather_object, set_seed
 
 from movq.autoencoder import MoVQ
 from movq.config import TokenizerConfig
-from movq.data import build_dataloader, train_batches
+from movq.data import build_dataloader, build_dataset, train_batches
 from movq.discriminator import PatchDiscriminator
 from movq.losses import TokenizerLoss
 from movq.metrics import TokenizerMetrics
@@ -45,6 +45,10 @@ class TokenizerTrainer(TrainLoop):
     fid_key = "val/rfid"
 
     def __init__(self, cfg: TokenizerConfig, accelerator: Optional[Accelerator] = None):
+        # Both splits now, not at the first evaluation: a missing or empty data.val / data.train is an
+        # error before anything trains (every run evaluates, at least at its last step).
+        for split in ("train", "val"):
+            build_dataset(cfg.data, split)
         self._setup(cfg, accelerator)
         acc, t = self.acc, cfg.train
         set_seed(t.seed)  # identical initial weights on every rank

@@ -396,3 +396,16 @@ def test_a_run_folder_is_not_reused_by_accident(tmp_path, cache):
     with pytest.raises(ResumeError, match="does not fit this config's model"):
         fit(other)
     assert (tmp_path / "a" / "config.yaml").read_text() == config  # the run's record is left as it was
+
+
+def test_data_errors_come_before_training(tmp_path, cache):
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    cfg = tiny_cfg(tmp_path / "run", cache)
+    cfg.data.source, cfg.data.train, cfg.data.val = "folder", str(tmp_path / "img"), None
+    with pytest.raises(ValueError, match="data.val must be set"):
+        TokenizerTrainer(cfg)
+    cfg.data.val = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        TokenizerTrainer(cfg)
+    assert not (tmp_path / "run").exists()  # nothing was started
