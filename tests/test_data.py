@@ -101,6 +101,13 @@ def test_make_shards_round_trip(tmp_path):
             seen += 1
     assert seen == 6
 
+    # --overwrite with nothing usable to pack: an error, and the existing shards stay
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert make_shards.main([str(tmp_path / "empty"), str(out), "--overwrite"]) != 0
+    assert make_shards.verify(out) == [] and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "shard-000000.tar", "shard-000001.tar"]
+
     (out / "shard-000001.tar").write_bytes(b"tampered")
     assert make_shards.main(["--verify", str(out)]) == 1
 

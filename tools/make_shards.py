@@ -24,8 +24,11 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import random
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -102,8 +105,6 @@ def pack_folder(
     old = sorted(out.glob(f"{prefix}-*.tar")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
     if old and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite")
-    for p in old:
-        p.unlink()
 
     files, n_other = _walk(src)
     skipped: Counter = Counter({"not_image": n_other} if n_other else {})
@@ -129,7 +130,10 @@ def pack_folder(
         random.Random(shuffle_seed).shuffle(files)  # mix classes across shards
 
     jobs = [(str(src / f), size, fmt, quality) for f in files]
-    writer = ShardWriter(out, prefix=prefix, maxcount=shard_size)
+    # New shards go to a staging folder; the old ones (--overwrite) are replaced only once packing succeeded.
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    writer = ShardWriter(stage, prefix=prefix, maxcount=shard_size)
     converted: Counter = Counter()
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
@@ -148,13 +152,18 @@ def pack_folder(
             written += 1
             if (i + 1) % 10000 == 0:
                 log(f"  {i + 1}/{len(files)} files, {written} packed")
+        shards = writer.close()
+        if not shards:
+            raise RuntimeError(f"no usable image under {src} (skipped: {dict(skipped)})")
+        for p in old:
+            p.unlink()
+        for s in shards:
+            os.replace(stage / s["name"], out / s["name"])
     finally:
         if pool:  # every result is in, or an error ends the run: either way stop, don't wait for queued files
             pool.terminate()
             pool.join()
-    shards = writer.close()
-    if not shards:
-        raise RuntimeError(f"no usable image under {src} (skipped: {dict(skipped)})")
+        shutil.rmtree(stage, ignore_errors=True)
     manifest = write_manifest(
         out, shards, classes=list(classes) if labels else [], image_size=size, image_format=fmt,
         quality=quality if fmt != "png" else None, source=str(src), skipped=dict(skipped),
