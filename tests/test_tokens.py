@@ -273,6 +273,10 @@ def test_tool_errors(tmp_path, tok, folder, capsys):
     (tmp_path / "w").mkdir()
     assert run_tool("--tokenizer", tmp_path / "w", folder, tmp_path / "o") == 2
     assert "not a tokenizer checkpoint" in capsys.readouterr().err
+    (tmp_path / "only_bad").mkdir()
+    (tmp_path / "only_bad" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert run_tool("--tokenizer", tok, tmp_path / "only_bad", tmp_path / "o") == 2  # not a folder of 0 tokens
+    assert "no usable image" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
         resolve_tokenizer(tmp_path / "run")

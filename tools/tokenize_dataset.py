@@ -358,6 +358,8 @@ def main(argv=None) -> int:
     if acc.is_main_process:
         try:
             manifest = write_token_manifest(args.out, len(plan.chunks))
+            if manifest["count"] == 0:
+                raise TokenDataError(f"no usable image in {args.data} (skipped: {manifest['skipped'] or 'none'})")
         except TokenDataError as e:
             error = str(e)
             print(f"error: {error}", file=sys.stderr)
