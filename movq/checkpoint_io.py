@@ -72,7 +72,8 @@ def _torch_load(path: Path) -> tuple[Any, list[str]]:
             stubbed.append(m.group(1))
         except Exception as e:  # zip / storage errors of a truncated or damaged file
             raise ConvertError(
-                f"{path} is not a readable torch checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}"
+                f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
+                f"{(str(e).splitlines() or [type(e).__name__])[0]}"
             ) from None
     raise ConvertError(f"{path}: too many non-tensor objects to stand in for")
 

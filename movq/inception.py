@@ -414,7 +414,8 @@ def load_state_dict(path: Union[str, Path], *, verify: bool = True) -> dict[str,
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise InceptionWeightsError(f"Inception weights {path} could not be read as a torch state dict ({e})") from None
+        raise InceptionWeightsError(f"Inception weights {path} could not be read as a torch state dict "
+                                    f"({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise InceptionWeightsError(f"Inception weights {path} is not a flat state dict of tensors")
     with torch.device("meta"):

@@ -480,6 +480,8 @@ def test_truncated_files(tmp_path, capsys):
         (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
         err = run_cli_error(capsys, "--from", "taming", tmp_path / f"cut_{name}", tmp_path / "out")
         assert f"cut_{name}" in err and "truncated or corrupt" in err
+    (tmp_path / "empty.ckpt").write_bytes(b"")  # an exception without a message
+    assert "truncated or corrupt" in run_cli_error(capsys, "--from", "taming", tmp_path / "empty.ckpt", tmp_path / "o")
 
 
 def test_diffusers_files_given_as_taming(tmp_path, capsys, diffusers_folder):
