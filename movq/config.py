@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -346,6 +347,25 @@ def to_dict(cfg: Any) -> dict:
         return v
 
     return plain(cfg)
+
+
+def output_problem(path: Union[str, os.PathLike], folder: bool = False) -> Optional[str]:
+    """Why ``path`` (a file, or a ``folder``) cannot be written, or None: checked before long work, so that
+    an unwritable output is an error at the start rather than after the results were computed."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return f"{path} is {'a file' if folder else 'a folder'}"
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {where} ({e.strerror or type(e).__name__})"
+    try:  # really try: permissions alone say nothing for root or special file systems
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        return f"cannot write in {where} ({e.strerror or type(e).__name__})"
+    return None
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:

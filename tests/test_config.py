@@ -55,3 +55,14 @@ def test_shipped_configs_load(name):
         assert cfg.quantizer.codebook_size == 1024
         assert cfg.quantizer.channels * cfg.quantizer.dim == 256
         assert (cfg.model.norm, cfg.quantizer.channels) == (("group", 1) if "vqgan" in name else ("spatial", 4))
+
+
+def test_output_problem(tmp_path):
+    from movq.config import output_problem
+
+    (tmp_path / "f").write_text("x")
+    assert output_problem(tmp_path / "new" / "deeper" / "out.json") is None  # folders are made
+    assert output_problem(tmp_path / "out", folder=True) is None
+    assert "is a file" in output_problem(tmp_path / "f", folder=True)
+    assert "is a folder" in output_problem(tmp_path / "out")
+    assert "cannot create" in output_problem(tmp_path / "f" / "below" / "x.json")  # a file in the way

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from movq.config import atomic_write_text
+from movq.config import atomic_write_text, output_problem
 
 # Reported by every benchmark, besides python, torch and torch's CUDA build.
 BASE_PACKAGES = ("triton",)
@@ -52,6 +52,13 @@ def versions(*packages: str) -> dict[str, Optional[str]]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def check_out(parser, args) -> None:
+    """``parser.error`` now, before the benchmark runs, when ``args.out`` cannot be written."""
+    problem = output_problem(args.out) if args.out else None
+    if problem:
+        parser.error(f"--out: {problem}")
 
 
 def write_report(report: dict, out: Union[str, Path], detail: str = "") -> Path:

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import multichannel_vq, multichannel_vq_ref  # noqa: E402
 from kernels._autotune import HAS_TRITON  # noqa: E402
-from _bench_report import device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
+from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 # Dense peak TFLOP/s (no sparsity) from the vendors' data sheets, by math: first matching name wins.
 PEAKS_TFLOPS = [
@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--cpu-reps", type=int, default=3, help="timed repetitions per measurement on CPU")
     args = p.parse_args(argv)
+    check_out(p, args)
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

@@ -38,7 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from movq.maskgit import LN_EPS, MaskGIT, MaskGITConfig  # noqa: E402
 from movq.sampling import generate  # noqa: E402
-from _bench_report import device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
+from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_IMAGES_PER_S = 300.0  # base config, T = 8, bf16, decoding included (issue 6)
@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, help="timed runs per case (default 5, quick 2)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even with a GPU")
     args = p.parse_args(argv)
+    check_out(p, args)
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.cpu or args.quick) else "cpu")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     batches = args.batch_sizes or ([2, 4] if args.quick else [32, 64, 128, 256])

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from movq.config import TokenizerConfig, load_config  # noqa: E402
-from _bench_report import device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
+from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 
 def main(argv=None) -> int:
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    check_out(p, args)
     if args.steps < 1 or args.warmup < 0:  # the median needs one timed step
         p.error("--steps must be >= 1 and --warmup >= 0")
 

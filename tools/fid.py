@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from movq.config import atomic_write_text  # noqa: E402
+from movq.config import atomic_write_text, output_problem  # noqa: E402
 from movq.fid import (  # noqa: E402
     BACKENDS,
     FeatureAccumulator,
@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give two sources to compare, or one with --save-stats")
     if len(args.sources) > 2:
         p.error("at most two sources")
+    for flag, path in (("--save-stats", args.save_stats), ("--json", args.json)):
+        problem = output_problem(path) if path else None
+        if problem:
+            p.error(f"{flag}: {problem}")
     return args
 
 

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from movq.config import atomic_write_text  # noqa: E402
+from movq.config import atomic_write_text, output_problem  # noqa: E402
 
 log = logging.getLogger("sample")
 
@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--edit and --box go together")
     if args.outpaint and not args.edit:
         p.error("--outpaint needs --edit and --box")
+    problem = output_problem(args.out, folder=True)
+    if problem:
+        p.error(f"--out: {problem}")
     return args
 
 
