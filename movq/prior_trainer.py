@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
 import numpy as np
+import yaml
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -134,6 +135,10 @@ def resolve_prior(path: Union[str, os.PathLike], prefer: str = "ema") -> Path:
 def load_prior(path: Union[str, os.PathLike], map_location: str = "cpu", prefer: str = "ema") -> tuple[MaskGIT, PriorConfig]:
     """Rebuild ``(MaskGIT in eval mode, PriorConfig)`` from a checkpoint; nothing is unpickled."""
     folder = resolve_prior(path, prefer)
+    raw = yaml.safe_load((folder / CONFIG_NAME).read_text()) or {}
+    if isinstance(raw, dict) and "quantizer" in raw and "sample" not in raw:  # a TokenizerConfig
+        raise ValueError(f"{folder} holds a tokenizer (MoVQ), not a MaskGIT prior: pass it as --tokenizer, and a "
+                         "prior run (tools/train_prior.py) as --checkpoint")
     cfg = load_config(PriorConfig, folder / CONFIG_NAME)
     model = MaskGIT(cfg.model)
     load_state_dict(model, folder / WEIGHTS_NAME)

@@ -141,6 +141,7 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
         (["--checkpoint", ckpt, "--edit", image, "--box", "4,2,40,8"], "must satisfy 0 <= x0 < x1 <= 16"),
         (["--checkpoint", ckpt, "--edit", image, "--box", "0,2,2,8"], "outside the centre square"),
         (["--checkpoint", ckpt, "--tokenizer", tmp_path], "not a tokenizer checkpoint"),
+        (["--checkpoint", ckpt.parent / "tok"], "holds a tokenizer (MoVQ), not a MaskGIT prior"),
     ]
     for extra, message in cases:
         assert run(*extra, *base) == 2, extra

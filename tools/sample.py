@@ -4,7 +4,7 @@
     accelerate launch tools/sample.py --checkpoint CKPT --num-samples 50000 --out samples/
         [--steps 8] [--class-label K | --classes all] [--cfg-scale 2] [--seed 0] [--batch-size 32]
         [--tokenizer TOK] [--grid] [--steps-strip]
-    python tools/sample.py --checkpoint runs/tiny-prior --num-samples 8 --out edits/ \\
+    python tools/sample.py --checkpoint runs/tiny/prior --num-samples 8 --out edits/ \\
         --edit photo.jpg --box 16,16,48,48 [--outpaint]
 
 CKPT is a run folder (newest checkpoint), a checkpoint folder (its ema/, else model/) or a model
