@@ -144,10 +144,16 @@ def manifest_classes(manifests: dict[Path, dict]) -> Optional[list[str]]:
 
 
 def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
-    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths.
-    Every shard must exist: a missing one fails here, naming it."""
+    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths; a folder
+    stands for its ``*.tar`` files (as tools/tokenize_dataset.py takes it). Every shard must exist: a
+    missing one fails here, naming it."""
     from webdataset.shardlists import expand_urls
 
+    if isinstance(pattern, str) and Path(pattern).is_dir():
+        urls = sorted(str(p) for p in Path(pattern).glob("*.tar"))
+        if not urls:
+            raise ValueError(f"shard folder {pattern} holds no .tar files")
+        return urls
     urls = list(pattern) if not isinstance(pattern, str) else expand_urls(pattern)
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} matches no shards")

@@ -415,3 +415,13 @@ def test_folder_epoch_uses_every_file_once_whatever_the_workers(tmp_path, worker
                      num_workers=workers)
     keys = _keys(_batches(cfg, "train"))
     assert len(keys) == 100 and len(set(keys)) == 100
+
+
+def test_a_shard_folder_stands_for_its_shards(tmp_path):
+    tar = _pack(tmp_path, "a", 2)
+    cfg = DataConfig(source="shards", train=str(Path(tar).parent), val=str(Path(tar).parent), image_size=32,
+                     batch_size=2, num_workers=0)
+    assert len(_keys(_batches(cfg, "val"))) == 4
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="holds no .tar files"):
+        build_dataset(DataConfig(source="shards", train=str(tmp_path / "none")), "train")
