@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from movq.config import TokenizerConfig, load_config  # noqa: E402
+from movq.config import ConfigError, TokenizerConfig, load_config  # noqa: E402
 from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 
@@ -45,7 +45,10 @@ def main(argv=None) -> int:
     from movq.trainer import TokenizerTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(TokenizerConfig, args.config, [*args.overrides, f"train.run_dir={tmp}", "train.trackers=[]"])
+        try:
+            cfg = load_config(TokenizerConfig, args.config, [*args.overrides, f"train.run_dir={tmp}", "train.trackers=[]"])
+        except (ConfigError, FileNotFoundError) as e:
+            p.error(str(e))
         if args.batch_size:
             cfg.data.batch_size = args.batch_size
         trainer = TokenizerTrainer(cfg)
