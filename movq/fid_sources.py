@@ -18,6 +18,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import tarfile
 import tempfile
 import zipfile
@@ -282,6 +283,11 @@ def open_source(spec: Union[str, Path]) -> Union[ImageSource, FIDStats]:
     if spec.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
         raise FIDError(f"{spec}: only local files are read (no network at run time)")
     if path.is_dir():
+        if (path / ".sample_spec.json").is_file():  # tools/sample.py's output: its samples, not grid/steps/edit
+            files = sorted(p for p in path.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name))
+            if not files:
+                raise FIDError(f"{spec}: a tools/sample.py folder without samples (NNNNNN.png)")
+            return ImageSource(spec, "folder", files, total=len(files))
         files = sorted(
             Path(root) / name
             for root, _, names in os.walk(path, followlinks=True)

@@ -457,3 +457,15 @@ def test_tokenizer_mode(data, weights, tmp_path, monkeypatch):
     assert 0 < res["codebook_usage"] <= 1 and 1 <= res["perplexity"] <= 32
     assert res["num_images"] == 3 and res["resolution"] == 32 and res["source"]["converted"] == {"L": 1}
     assert cli.main(["--tokenizer", str(tmp_path / "nothing"), str(data / "a")]) == 2
+
+
+def test_a_sample_folder_gives_its_samples_only(tmp_path):
+    rgb = _rng_images(0, 1, 8, 8)[0]
+    (tmp_path / ".sample_spec.json").write_text("{}")  # what tools/sample.py writes beside its samples
+    for name in ("000000.png", "000001.png", "grid.png", "steps.png", "edit.png"):
+        Image.fromarray(rgb).save(tmp_path / name)
+    assert [p.name for p in open_source(tmp_path).paths] == ["000000.png", "000001.png"]
+    for p in tmp_path.glob("0*.png"):
+        p.unlink()
+    with pytest.raises(FIDError, match="without samples"):
+        open_source(tmp_path)

@@ -75,6 +75,7 @@ def test_writes_n_images_and_npz_resumably(tmp_path, ckpt):
     assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--seed", 3) == 2
     assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--save-tokens") == 2
     assert run("--checkpoint", ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--seed", 3, "--overwrite") == 0
+    assert not (out / "grid.png").exists() and not (out / "steps.png").exists()  # not asked for this time
     assert json.loads((out / "sampling.json").read_text())["generated_now"] == 5
 
     # one class for all, and a different seed gives different samples

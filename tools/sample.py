@@ -192,7 +192,8 @@ def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
             what = ", ".join(sorted(k for k in set(old or {}) | set(spec) if (old or {}).get(k) != spec.get(k)))
             return (f"{out} holds samples made with other settings ({what} differ); "
                     "pass --overwrite to replace them, or use a new folder")
-        for stale in existing + [out / "samples.npz", *out.glob("tokens/*.npy")]:
+        extras = ("samples.npz", "sampling.json", "grid.png", "steps.png", "edit.png", "edit_source.npz")
+        for stale in existing + [out / name for name in extras] + list(out.glob("tokens/*.npy")):
             stale.unlink(missing_ok=True)
     atomic_write_text(path, json.dumps(spec, indent=1))
     return None
