@@ -457,6 +457,14 @@ def test_tokenizer_mode(data, weights, tmp_path, monkeypatch):
     assert 0 < res["codebook_usage"] <= 1 and 1 <= res["perplexity"] <= 32
     assert res["num_images"] == 3 and res["resolution"] == 32 and res["source"]["converted"] == {"L": 1}
     assert cli.main(["--tokenizer", str(tmp_path / "nothing"), str(data / "a")]) == 2
+    # without the Inception weights: no rFID, the other metrics all the same; a checkpoint folder works too
+    (tmp_path / "ckpt_folder").mkdir()
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt_folder" / "ema")
+    rc = cli.main(["--tokenizer", str(tmp_path / "ckpt_folder"), str(data / "a"), "--inception-weights",
+                   str(tmp_path / "missing.pth"), "--json", str(out), "--no-progress", "--batch-size", "2"])
+    assert rc == 0
+    again = json.loads(out.read_text())
+    assert again["rfid"] is None and again["psnr"] == res["psnr"] and again["codebook_usage"] == res["codebook_usage"]
 
 
 def test_a_sample_folder_gives_its_samples_only(tmp_path):

@@ -150,14 +150,20 @@ def run_tokenizer(args) -> int:
         raise FIDError(f"{args.sources[0]}: tokenizer mode needs images, not statistics")
     try:
         from movq.autoencoder import MoVQ
+        from movq.tokens import resolve_tokenizer
 
-        model = MoVQ.from_pretrained(args.tokenizer)
+        model = MoVQ.from_pretrained(resolve_tokenizer(args.tokenizer))  # a model, checkpoint or run folder
     except (FileNotFoundError, ValueError) as e:
         raise FIDError(f"tokenizer {args.tokenizer}: {e}") from None
     accelerator = _accelerator(args)
     device = accelerator.device
     model = model.to(device).eval()
-    extractor = _extractor(args, device)
+    try:  # without the Inception weights the other metrics are still worth having, as without LPIPS
+        extractor = _extractor(args, device)
+    except InceptionWeightsError as e:
+        extractor = None
+        if accelerator.is_main_process:
+            logger.warning("rFID left out: %s", str(e).splitlines()[0])
     lpips = None
     try:
         from movq.lpips import LPIPS
@@ -168,8 +174,9 @@ def run_tokenizer(args) -> int:
             logger.warning("LPIPS left out: %s", str(e).splitlines()[0])
     size = args.resolution or model.config.model.resolution
     metrics = TokenizerMetrics(model.quantizer.codebook_size, lpips=lpips, device=device)
-    real = FeatureAccumulator(extractor.num_features, device=device)
-    fake = FeatureAccumulator(extractor.num_features, device=device)
+    if extractor is not None:
+        real = FeatureAccumulator(extractor.num_features, device=device)
+        fake = FeatureAccumulator(extractor.num_features, device=device)
     report = source.new_report()
 
     @torch.no_grad()
@@ -177,8 +184,9 @@ def run_tokenizer(args) -> int:
         x8 = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)  # uint8 [B, 3, S, S]
         x = x8.float() / 127.5 - 1
         x_rec, enc = model(x)
-        real.update(extractor(x8))
-        fake.update(extractor(to_uint8(x_rec)))
+        if extractor is not None:
+            real.update(extractor(x8))
+            fake.update(extractor(to_uint8(x_rec)))
         metrics.update(x, x_rec, enc.indices)
 
     bar = None
@@ -200,22 +208,26 @@ def run_tokenizer(args) -> int:
         step(batch)
     if bar is not None:
         bar.close()
-    real.all_reduce_()
-    fake.all_reduce_()
+    if extractor is not None:
+        real.all_reduce_()
+        fake.all_reduce_()
     metrics.all_reduce_()
     report = gather_report(report)
     if not accelerator.is_main_process:
         return 0  # everything is reduced; rank 0 alone computes the distance and writes
+    rfid = None
+    if extractor is not None:
+        rfid = frechet_distance(real.stats(args.sources[0]), fake.stats("reconstructions"), backend=args.backend)
     results = {
-        "rfid": frechet_distance(real.stats(args.sources[0]), fake.stats("reconstructions"), backend=args.backend),
+        "rfid": rfid,
         **metrics.compute(),
         "resolution": size,
         "tokenizer": args.tokenizer,
         "source": report.as_dict(),
         "backend": args.backend,
         "num_processes": accelerator.num_processes,
-        "checksum_verified": not args.skip_checksum,
-        "inception_weights": str(resolve_weights_path(args.inception_weights)),
+        "checksum_verified": not args.skip_checksum if extractor is not None else None,
+        "inception_weights": str(resolve_weights_path(args.inception_weights)) if extractor is not None else None,
     }
     shown = ("rfid", "psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images")
     print(" ".join(f"{k}: {results[k]:.4f}" if isinstance(results[k], float) else f"{k}: {results[k]}"
