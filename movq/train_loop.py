@@ -60,8 +60,8 @@ class TrainLoop:
     ``_train_batch`` and one ``_optimizer_step``. Every ``train.log_every`` steps it writes a ``train``
     record (the logs averaged over steps and ranks), every ``train.eval_every`` steps an ``eval``
     record (``evaluate()``), then ``_after_step`` (a ``fid`` record every ``train.fid_every`` steps),
-    and every ``train.save_every`` steps saves a checkpoint; the last step logs, evaluates and saves. SIGINT / SIGTERM save and stop after the
-    current step.
+    and every ``train.save_every`` steps saves a checkpoint; the last step logs, evaluates and saves.
+    SIGINT / SIGTERM save and stop after the current step (the summary's ``stopped_by_signal``).
     """
 
     # What one row of a batch is ("images", "samples"): it names the ``<unit>_seen`` counter of
@@ -204,8 +204,8 @@ class TrainLoop:
     # ------------------------------------------------------------------ checkpoints
     def _write_extra(self, folder: Path) -> None:
         self._write_weights(folder)
-        state = {"step": self.step, "guard": self.guard.state_dict(), **self._state_extra(), f"{self.unit}_seen": self.seen,
-                 "data_layout": self._data_layout()}
+        state = {"step": self.step, "guard": self.guard.state_dict(), **self._state_extra(),
+                 f"{self.unit}_seen": self.seen, "data_layout": self._data_layout()}
         write_trainer_state(folder, state)
 
     def _data_layout(self) -> dict:
