@@ -220,7 +220,7 @@ class _ShardSource:
             if n == 0 and offset == 0:
                 raise RuntimeError(f"shard {path} is unreadable: {type(e).__name__}: {e}") from None
             if offset == 0:  # one report per shard, also when readers share it
-                logger.warning("shard %s breaks off after %d samples (%s); using those", path, n * stride, e)
+                logger.warning("shard %s breaks off (%s); using the %d sample(s) read before", path, e, n)
                 health.sample(read_id)  # the broken tail counts as one skipped sample
                 yield _Raw(f"{path}:<tail>", None, -1, read_id, skip="truncated_shard")
         health.close(read_id)
