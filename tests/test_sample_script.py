@@ -154,3 +154,23 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
         assert e.value.code == 2
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
 
+
+
+def test_warns_when_the_tokenizer_is_not_the_tokens_one(tmp_path, ckpt, capsys):
+    from movq.prior_trainer import load_prior
+    from movq.tokens import TOKENS_FORMAT
+
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "manifest.json").write_text(json.dumps({
+        "format": TOKENS_FORMAT, "channels": 2, "height": 4, "width": 4, "codebook_size": 16, "classes": [],
+        "shards": [], "tokenizer_sha256": "0" * 64}))  # tokens made by some other tokenizer
+    model, cfg = load_prior(ckpt)
+    cfg.data.tokens = str(tokens)
+    save_prior(model, cfg, tmp_path / "prior")
+    assert run("--checkpoint", tmp_path / "prior", "--num-samples", 1, "--out", tmp_path / "s", "--steps", 1) == 0
+    assert "learned tokens of another tokenizer" in capsys.readouterr().err
+    cfg.data.tokens = None  # nothing to compare with: no warning
+    save_prior(model, cfg, tmp_path / "prior2")
+    assert run("--checkpoint", tmp_path / "prior2", "--num-samples", 1, "--out", tmp_path / "s2", "--steps", 1) == 0
+    assert "another tokenizer" not in capsys.readouterr().err

@@ -180,6 +180,16 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     return x, tokens, known, box
 
 
+def _tokens_tokenizer(tokens: Optional[str]) -> Optional[str]:
+    """sha256 of the tokenizer that made the prior's training tokens, when that folder is still there."""
+    from movq.tokens import TokenDataError, read_token_manifest
+
+    try:
+        return read_token_manifest(tokens).get("tokenizer_sha256") if tokens else None
+    except (OSError, TokenDataError):
+        return None
+
+
 def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
     """Resume only samples made the same way: OUT/.sample_spec.json records how; returns an error."""
     out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +257,10 @@ def main(argv=None) -> int:
                 "batch_size": args.batch_size, "labels": rule,
                 "bf16": args.bf16, "save_tokens": args.save_tokens, "device": dev.type, **opts, **guidance,
                 "edit_sha256": file_digest(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
+        trained_on = _tokens_tokenizer(cfg.data.tokens)
+        if trained_on and trained_on != spec["tokenizer_sha256"]:
+            print(f"warning: the prior learned tokens of another tokenizer ({cfg.data.tokens}, sha256 "
+                  f"{trained_on[:12]}...); decoded with {tok_path} its samples will not look right", file=sys.stderr)
         error = _prepare_out(out, spec, args.overwrite)
         if args.save_tokens:
             (out / "tokens").mkdir(exist_ok=True)
