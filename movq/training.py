@@ -163,13 +163,17 @@ class EMA:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._settled: set[str] = set()  # initted buffers True in both models: never looked at again (no sync)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         ema_state = self.model.state_dict()
-        # just initialised from data: the module's prefix ("" for the model itself)
-        fresh = {name[: -len("initted")] for name, buf in model.named_buffers()
-                 if name.split(".")[-1] == "initted" and bool(buf) and not bool(ema_state[name])}
+        fresh = set()  # modules just initialised from data, by prefix ("" for the model itself)
+        for name, buf in model.named_buffers():
+            if name.split(".")[-1] == "initted" and name not in self._settled and bool(buf):
+                if not bool(ema_state[name]):
+                    fresh.add(name[: -len("initted")])
+                self._settled.add(name)
         averaged = {name for name, p in model.named_parameters()  # once: a per-entry dict is O(n²) per step
                     if p.requires_grad and p.dtype.is_floating_point and not any(name.startswith(f) for f in fresh)}
         for name, value in model.state_dict().items():
