@@ -333,7 +333,7 @@ def _source(cfg: DataConfig, split: str, labels: bool):
         if labels:
             raise ValueError("the builtin dataset has no class labels; use data.source=folder or shards")
         root = builtin_dataset(cfg) / split
-        return _ShardSource(sorted(str(p) for p in root.glob("*.tar")), labels)
+        return _ShardSource(str(root), labels)  # a folder stands for its .tar files
     if cfg.source not in ("folder", "shards"):
         raise ValueError(f"data.source must be builtin, folder or shards, got {cfg.source!r}")
     path = getattr(cfg, split)

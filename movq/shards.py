@@ -149,8 +149,8 @@ def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
     missing one fails here, naming it."""
     from webdataset.shardlists import expand_urls
 
-    if isinstance(pattern, str) and Path(pattern).is_dir():
-        urls = sorted(str(p) for p in Path(pattern).glob("*.tar"))
+    if isinstance(pattern, str) and Path(pattern).expanduser().is_dir():
+        urls = sorted(str(p) for p in Path(pattern).expanduser().glob("*.tar"))
         if not urls:
             raise ValueError(f"shard folder {pattern} holds no .tar files")
         return urls

@@ -138,15 +138,12 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
         if builtin_size is not None:
             dc.builtin_train_size = builtin_size
         root = builtin_dataset(dc) / "train"
-        shards = sorted(str(p) for p in root.glob("*.tar"))
+        shards = expand_shards(str(root))
         use = labels is not False
         classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
         return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
                          "builtin_photo" if use else None)
-    folder = Path(data).expanduser()
-    shards = sorted(str(p) for p in folder.glob("*.tar")) if folder.is_dir() else expand_shards(data)
-    if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}")
+    shards = expand_shards(data)
 
     manifests = read_manifests(shards)  # one per folder: a pattern may span several
     classes = (manifest_classes(manifests) or []) if labels is not False else []
