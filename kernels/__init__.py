@@ -1,4 +1,4 @@
 """Fused Triton kernels (with torch references) for movq; see kernels/README.md."""
-from kernels.vq import BACKEND_ENV, VQResult, multichannel_vq, multichannel_vq_ref, resolve_backend
+from movq.kernels.vq import BACKEND_ENV, VQResult, multichannel_vq, multichannel_vq_ref, resolve_backend
 
 __all__ = ["BACKEND_ENV", "VQResult", "multichannel_vq", "multichannel_vq_ref", "resolve_backend"]

@@ -3,7 +3,7 @@
 The encoder output ``z`` of shape ``[B, C·d, h, w]`` is read as ``C`` channels of width ``d`` per
 latent cell; every channel is quantized against the same codebook ``[K, d]``, so an image becomes
 ``indices[B, C, h, w]``. The nearest-code search and the straight-through assignment are one op in
-``kernels.vq`` (fused Triton on CUDA, a chunked torch reference elsewhere); this module adds what is
+``movq.kernels.vq`` (fused Triton on CUDA, a chunked torch reference elsewhere); this module adds what is
 stateful: EMA codebook updates, dead-code restarts, k-means init and usage statistics, following
 the ``Codebook`` / ``VectorQuantize`` split of lucidrains' vector-quantize-pytorch.
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from kernels.vq import NORM_EPS, multichannel_vq
+from movq.kernels.vq import NORM_EPS, multichannel_vq
 from movq.config import QuantizerConfig
 
 _NEVER = -(2**62)  # "last used at step" of a code that has never been chosen

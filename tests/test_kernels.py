@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import VQResult, multichannel_vq, multichannel_vq_ref
-from kernels._autotune import INTERPRET
-from kernels.vq import BACKEND_ENV
+from movq.kernels import VQResult, multichannel_vq, multichannel_vq_ref
+from movq.kernels._autotune import INTERPRET
+from movq.kernels.vq import BACKEND_ENV
 
 # Triton runs interpreted on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU) or compiled on CUDA
 # ones: the Triton tests put their data there, so a GPU machine runs them compiled.
@@ -193,7 +193,7 @@ def test_triton_matches_reference(dtype, cosine, shape):
 
 
 def test_triton_split_k_equals_single_pass():
-    from kernels.vq import _vq_forward
+    from movq.kernels.vq import _vq_forward
     z, cb = _data(2, 3, 24, 5, 7, 40)
     one = _vq_forward(z.detach(), cb.detach(), 3, cosine=False, allow_tf32=False, split_k=1)
     three = _vq_forward(z.detach(), cb.detach(), 3, cosine=False, allow_tf32=False, split_k=3)  # one split empty
@@ -238,7 +238,7 @@ def test_triton_cosine_zero_vector_and_wide_d():
 
 
 def test_env_var_selects_triton(monkeypatch):
-    import kernels.vq as vq
+    import movq.kernels.vq as vq
     seen = []
     real = vq._multichannel_vq_triton
 
@@ -294,7 +294,7 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.vq as vq
+import movq.kernels.vq as vq
 
 def build(fn, types, consts, **opts):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}

@@ -192,7 +192,7 @@ def test_non_finite_batch_leaves_the_codebook_intact(kw):
 
 def test_ema_backward_uses_the_codes_of_its_forward(monkeypatch):
     """The EMA update rewrites the codebook inside forward; both backends' gradients use the old codes."""
-    from kernels._autotune import INTERPRET
+    from movq.kernels._autotune import INTERPRET
 
     dev = "cpu" if INTERPRET else "cuda"  # where Triton runs: its interpreter, or compiled
     if dev == "cuda" and not torch.cuda.is_available():
