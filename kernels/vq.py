@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from movq.kernels._autotune import HAS_TRITON, INTERPRET, backward_blocks, prune_search_configs, search_configs, tl, triton
+from movq.kernels._autotune import (
+    HAS_TRITON,
+    INTERPRET,
+    backward_blocks,
+    prune_search_configs,
+    search_configs,
+    tl,
+    triton,
+)
 
 log = logging.getLogger(__name__)
 

@@ -169,6 +169,121 @@ class TokenizerConfig:
 
 
 # --------------------------------------------------------------------------------------
+# Stage 2: the priors
+# --------------------------------------------------------------------------------------
+# How MaskGIT's masked fraction falls from 1 to 0 (movq.models.masking.mask_schedule).
+MaskSchedule = Literal["cosine", "linear", "square"]
+MASK_SCHEDULES = typing.get_args(MaskSchedule)
+
+# Steps of the parallel decode: MaskGIT reports 8 steps as its best FID on ImageNet 256
+# (Fig. 4), with quality flat to 12 and worse beyond.
+DEFAULT_STEPS = 8
+
+
+# Scale of the Gumbel noise on the re-masking confidence at step 0, annealed linearly to 0:
+# the value of MaskGIT's ImageNet configs. Without it the model keeps its most "obvious" tokens
+# first (flat backgrounds) and samples lose diversity.
+DEFAULT_CHOICE_TEMPERATURE = 4.5
+
+
+@dataclass
+class MaskGITConfig:
+    """Shape and training objective of the prior. Defaults: MaskGIT's ImageNet 256 model."""
+
+    codebook_size: int = 1024  # K; token id K is [MASK]
+    channels: int = 4  # C, tokens per cell (MoVQ paper: 16×16×4)
+    grid: Union[int, tuple[int, int]] = 16  # h = w, or (h, w)
+    num_classes: int = 1000  # 0 = unconditional; id num_classes is the null class
+    width: int = 768
+    depth: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0  # 768 → 3072, as in BERT-base / MaskGIT
+    dropout: float = 0.1  # embeddings and residual branches (MaskGIT: 0.1)
+    attn_dropout: float = 0.1  # attention probabilities (MaskGIT: 0.1)
+    class_dropout: float = 0.1  # P(label → null) in training, for guidance (Muse / DiT: 0.1)
+    label_smoothing: float = 0.1  # MaskGIT: 0.1
+    # Lower bound on the masked fraction in training. MaskGIT has none (it masks ≥ 1 token);
+    # raising it spends fewer steps on the nearly solved, barely informative low-mask inputs.
+    min_mask_rate: float = 0.0
+    mask_schedule: MaskSchedule = "cosine"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        h, w = self.grid_hw
+        checks = [
+            (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
+            (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
+            (h >= 1 and w >= 1, f"grid must be positive, got {self.grid!r}"),
+            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
+            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
+            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
+            (self.width % self.heads == 0, f"width {self.width} must be divisible by heads {self.heads}"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
+            (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout rates must lie in [0, 1)"),
+            (0 <= self.class_dropout <= 1, f"class_dropout must lie in [0, 1], got {self.class_dropout}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.min_mask_rate <= 1, f"min_mask_rate must lie in [0, 1], got {self.min_mask_rate}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"MaskGITConfig: {msg}")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(
+                f"MaskGITConfig: mask_schedule must be one of {list(MASK_SCHEDULES)}, got {self.mask_schedule!r}"
+            )
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        g = self.grid
+        return (g, g) if isinstance(g, int) else (int(g[0]), int(g[1]))
+
+    @classmethod
+    def load(cls, source=None, overrides=()) -> MaskGITConfig:
+        """From a YAML path / dict / instance, strictly (see :func:`movq.config.load_config`)."""
+        return load_config(cls, source, overrides)
+
+
+@dataclass
+class TokenDataConfig:
+    """Where the prior's tokens come from (a folder written by ``tools/tokenize_dataset.py``)."""
+
+    tokens: Optional[str] = None  # the token folder (manifest.json + tokens-*.tar)
+    batch_size: int = 64  # per process
+    seed: int = 0  # data order (a resume continues the same order)
+    verify: bool = True  # check every shard's sha256 against the manifest when loading
+    # Tokenizer that decodes samples to images (grids, FID). None: the one named in the manifest, if
+    # that folder exists; without any, grids are written as token maps.
+    tokenizer: Optional[str] = None
+    # "check": model.codebook_size / channels / grid must equal the tokens' (else an error saying
+    # which override to set). "from_tokens": take them from the manifest, and num_classes too (an
+    # unconditional model, num_classes 0, stays unconditional).
+    model_shape: Literal["check", "from_tokens"] = "check"
+
+
+@dataclass
+class SampleConfig:
+    """Parallel decoding settings (MaskGIT: T = 8, choice temperature 4.5) for grids and sampling."""
+
+    steps: int = DEFAULT_STEPS
+    temperature: float = 1.0  # token sampling temperature (0 = argmax)
+    choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # Gumbel noise on the re-masking confidence
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = the conditional model
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    grid_images: int = 16  # samples in the periodic grid
+    inpaint_images: int = 4  # token maps of the training data in the inpainting example
+
+
+@dataclass
+class PriorConfig:
+    """Everything a prior run needs: model / data / train / sample."""
+
+    model: MaskGITConfig = field(default_factory=MaskGITConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------------------
 # Loading and saving
 # --------------------------------------------------------------------------------------
 T = typing.TypeVar("T")

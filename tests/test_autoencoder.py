@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from movq.autoencoder import MoVQ
 from movq.config import TokenizerConfig, load_config
+from movq.models.autoencoder import MoVQ
 
 
 def tiny(**over) -> TokenizerConfig:

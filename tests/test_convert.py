@@ -21,11 +21,10 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from convert import main as cli  # noqa: E402
-from movq.autoencoder import MoVQ  # noqa: E402
-from movq.convert import ConvertError, convert, load_checkpoint  # noqa: E402
+from movq.cli.convert import main as cli
+from movq.interop.checkpoint_io import ConvertError, load_checkpoint  # noqa: E402
+from movq.interop.convert import convert
+from movq.models.autoencoder import MoVQ  # noqa: E402
 
 TOL = 1e-4  # max abs difference in fp32 that the issue asks for
 

@@ -1,7 +1,6 @@
 """Data: shard packing round trip, robust decoding with per-reason counts, the builtin dataset,
 determinism and rank splits, clear failures on unreadable data."""
 import hashlib
-import importlib.util
 import io
 import itertools
 import json
@@ -17,19 +16,18 @@ import pytest
 import torch
 from PIL import Image
 
+from movq.cli import make_shards
 from movq.config import DataConfig, atomic_write_text
-from movq.data import (
-    BUILTIN_TRAIN_PHOTOS, BUILTIN_VAL_PHOTOS, ShardWriter, SkipSample, build_dataloader,
-    build_dataset, builtin_dataset, decode_image, iter_tar, num_classes, read_manifest,
+from movq.data.builtin import BUILTIN_TRAIN_PHOTOS, BUILTIN_VAL_PHOTOS, builtin_dataset
+from movq.data.shards import ShardWriter, iter_tar, read_manifest, write_manifest
+from movq.data.stream import (
+    SkipSample,
+    build_dataloader,
+    build_dataset,
+    decode_image,
+    num_classes,
     train_batches,
 )
-from movq.shards import write_manifest
-
-_spec = importlib.util.spec_from_file_location(
-    "make_shards", Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"
-)
-make_shards = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_shards)
 
 
 def _rgb(seed, h=40, w=48):

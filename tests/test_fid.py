@@ -1,7 +1,6 @@
 """FID: the distance (closed forms, two backends), statistics files, image sources and their bad
 inputs, the CLI end to end (single and 2-process), FIDTracker, and the tokenizer mode.
 Inception runs at 299² on CPU, so every image set here holds at most 4 images."""
-import importlib.util
 import io
 import json
 import logging
@@ -16,21 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from movq import fid
-from movq.fid import FeatureAccumulator, FIDError, FIDStats, FIDTracker, frechet_distance, open_source
-from movq.inception import standin_state_dict
+from movq.cli import fid as cli
+from movq.evaluation import fid
+from movq.evaluation.fid import FeatureAccumulator, FIDTracker, frechet_distance
+from movq.evaluation.fid_sources import FIDError, FIDStats, open_source
+from movq.evaluation.inception import standin_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("movq_fid_cli", ROOT / "tools" / "fid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
 
 
 def _stats_from_samples(x: np.ndarray) -> FIDStats:
@@ -164,7 +155,7 @@ def test_folder_source_converts_and_skips(tmp_path, caplog):
     Image.fromarray(rgb[..., 0]).save(tmp_path / "d" / "nested" / "gray.png")
     Image.fromarray(np.dstack([rgb, np.full((12, 10), 7, np.uint8)])).save(tmp_path / "d" / "rgba.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "d" / "palette.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "d" / "deep.png")  # I;16
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "d" / "deep.png")  # I;16
     (tmp_path / "d" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "d" / "notes.txt").write_text("ignored")
     source = open_source(tmp_path / "d")
@@ -435,7 +426,7 @@ def test_tracker_with_weights(weights, tmp_path):
 
 
 def test_tokenizer_mode(data, weights, tmp_path, monkeypatch):
-    autoencoder = pytest.importorskip("movq.autoencoder")
+    autoencoder = pytest.importorskip("movq.models.autoencoder")
     from movq.config import TokenizerConfig, load_config
 
     cfg = load_config(TokenizerConfig, {

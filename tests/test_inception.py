@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from movq import inception as inc
-from movq.inception import FIDInceptionV3, InceptionWeightsError
+from movq.evaluation import inception as inc
+from movq.evaluation.inception import FIDInceptionV3, InceptionWeightsError
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_parity_with_torch_fidelity(standin, tmp_path):
     theirs = _torch_fidelity_fid_functions(os.path.join(pkg_dir, "metric_fid.py"))
     to_stats, to_fid = theirs["fid_features_to_statistics"], theirs["fid_statistics_to_metric"]
     fid_ref = to_fid(to_stats(expected[:2].double()), to_stats(expected[2:].double()), False)
-    from movq.fid import FeatureAccumulator, frechet_distance
+    from movq.evaluation.fid import FeatureAccumulator, frechet_distance
 
     stats = []
     for part in (got[:2], got[2:]):

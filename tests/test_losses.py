@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from movq.config import DiscriminatorConfig, LossConfig
-from movq.discriminator import PatchDiscriminator
-from movq.losses import TokenizerLoss, adaptive_weight, hinge_d_loss
+from movq.models.discriminator import PatchDiscriminator
+from movq.training.losses import TokenizerLoss, adaptive_weight, hinge_d_loss
 
 
 def test_adaptive_weight_formula_on_toy_case():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from movq.lpips import LIN_FILENAME, VGG_FILENAME, LPIPS
+from movq.evaluation.lpips import LIN_FILENAME, LPIPS, VGG_FILENAME
 
 _CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),
           14: (256, 256), 17: (512, 256), 19: (512, 512), 21: (512, 512), 24: (512, 512),

@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
-from movq.config import ConfigError
-from movq.maskgit import MaskGIT, MaskGITConfig
+from movq.config import ConfigError, MaskGITConfig
+from movq.models.maskgit import MaskGIT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

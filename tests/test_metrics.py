@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from movq.metrics import PSNR_CAP_DB, TokenizerMetrics
+from movq.evaluation.metrics import PSNR_CAP_DB, TokenizerMetrics
 
 
 def _images(seed, b=4, h=16, w=16):

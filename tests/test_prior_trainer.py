@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-
-from movq.config import ConfigError, load_config
-from movq.maskgit import MaskGIT
-from movq.prior_trainer import PriorConfig, PriorTrainer, load_prior, resolve_model_shape
-from movq.tokens import finish_shard, prepare_output, write_token_manifest
-from movq.training import NonFiniteError
-
 from test_tokens import tiny_tokenizer
+
+from movq.config import ConfigError, PriorConfig, load_config
+from movq.data.tokens import finish_shard, prepare_output, write_token_manifest
+from movq.models.maskgit import MaskGIT
+from movq.training.checkpoints import NonFiniteError
+from movq.training.prior import PriorTrainer, load_prior, resolve_model_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,8 +111,8 @@ def test_loss_falls_and_token_maps_without_tokenizer(tmp_path, data):
 
 
 def test_fid_with_standin_inception_weights(tmp_path, data, monkeypatch):
-    from movq import fid
-    from movq.inception import standin_state_dict
+    from movq.evaluation import fid
+    from movq.evaluation.inception import standin_state_dict
 
     weights = tmp_path / "standin-inception.pth"
     torch.save(standin_state_dict(seed=0), weights)
@@ -181,17 +180,11 @@ def test_model_shape_against_tokens(tmp_path, data):
 
 
 TWO_RANK_SCRIPT = """
-import importlib.util, json, sys, time
+import json, sys, time
 from pathlib import Path
 import torch
+from movq.cli import sample as sample_tool, tokenize
 root, tok, img, out = map(Path, sys.argv[1:5])
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-tokenize = tool("tokenize_dataset")
 write_manifest = tokenize.write_token_manifest
 def slow_write(*args, **kwargs):  # rank 0 writes the manifest late: every rank's main() must wait for it
     time.sleep(2)
@@ -200,7 +193,8 @@ tokenize.write_token_manifest = slow_write
 assert tokenize.main(["--tokenizer", str(tok), str(img), str(out / "tokens"), "--shard-size", "3", "--cpu"]) == 0
 assert (out / "tokens" / "manifest.json").is_file()
 from movq.config import load_config
-from movq.prior_trainer import PriorConfig, PriorTrainer
+from movq.config import PriorConfig
+from movq.training.prior import PriorTrainer
 cfg = load_config(PriorConfig, {
     "model": {"width": 32, "depth": 1, "heads": 2, "num_classes": 1},
     "data": {"tokens": str(out / "tokens"), "batch_size": 2, "model_shape": "from_tokens"},
@@ -211,7 +205,7 @@ trainer.acc.end_training = lambda: None  # keep the process group for the sampli
 trainer.fit()
 flat = torch.cat([p.detach().flatten() for p in trainer.prior.parameters()])
 rank = trainer.acc.process_index
-assert tool("sample").main(["--checkpoint", str(out / "run"), "--num-samples", "5", "--out", str(out / "s"),
+assert sample_tool.main(["--checkpoint", str(out / "run"), "--num-samples", "5", "--out", str(out / "s"),
                             "--batch-size", "2", "--cpu"]) == 0
 json.dump({"world": trainer.acc.num_processes, "params": flat.tolist()[:500], "sum": float(flat.double().sum()),
            "data": sorted(map(str, trainer.data.tokens.flatten(1).tolist()))}, open(out / f"rank{rank}.json", "w"))
@@ -249,7 +243,7 @@ def test_two_process_cpu_tokenize_train_sample(tmp_path, data, free_port):
 
 
 def test_fid_batches_are_distinct_and_class_balanced_over_ranks():
-    from movq.prior_trainer import fid_sample_batches
+    from movq.training.prior import fid_sample_batches
 
     world, per_rank, batch, classes = 4, 10, 3, 8
     firsts = [[first for first, _ in fid_sample_batches(per_rank, r, batch)] for r in range(world)]

@@ -3,7 +3,7 @@ import torch
 from einops import rearrange
 
 from movq.config import QuantizerConfig
-from movq.quantizer import MultichannelQuantizer
+from movq.models.quantizer import MultichannelQuantizer
 
 
 def make(**kw) -> MultichannelQuantizer:

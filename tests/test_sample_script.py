@@ -1,8 +1,6 @@
 """tools/sample.py on a tiny checkpoint: N images and a valid .npz, resumable and reproducible,
 rank split, editing that keeps the known tokens, and clear failures on bad input."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +8,14 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
-
-from movq.config import load_config
-from movq.maskgit import MaskGIT
-from movq.prior_trainer import PriorConfig, save_prior
-
 from test_tokens import tiny_tokenizer
 
+from movq.cli import sample as sample_tool
+from movq.config import PriorConfig, load_config
+from movq.models.maskgit import MaskGIT
+from movq.training.prior import save_prior
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("sample_tool", ROOT / "tools" / "sample.py")
-sample_tool = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = sample_tool  # dataclasses look their module up there
-_spec.loader.exec_module(sample_tool)
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +151,8 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
 
 
 def test_warns_when_the_tokenizer_is_not_the_tokens_one(tmp_path, ckpt, capsys):
-    from movq.prior_trainer import load_prior
-    from movq.tokens import TOKENS_FORMAT
+    from movq.data.tokens import TOKENS_FORMAT
+    from movq.training.prior import load_prior
 
     tokens = tmp_path / "tokens"
     tokens.mkdir()

@@ -2,16 +2,17 @@
 import pytest
 import torch
 
-from movq.maskgit import MaskGIT, MaskGITConfig
-from movq.sampling import (
+from movq.config import MaskGITConfig
+from movq.generation.maskgit import (
+    box_mask,
     cfg_logits,
     decode,
     generate,
     guidance_scale,
     guided_tokens_to_logits,
-    box_mask,
-    mask_schedule,
 )
+from movq.models.maskgit import MaskGIT
+from movq.models.masking import mask_schedule
 
 K, C, H, W = 16, 2, 4, 4
 

@@ -1,10 +1,8 @@
 """Token shards: tokenize a tiny dataset with a tiny random tokenizer and read it back; resumable
 reruns; the builtin pseudo-labels; deterministic, disjoint per-rank batches; clear errors."""
-import importlib.util
 import io
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +11,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from movq.autoencoder import MoVQ
+from movq.cli import tokenize as tokenize_dataset
 from movq.config import TokenizerConfig, load_config
-from movq.data import BUILTIN_TRAIN_PHOTOS
-from movq.tokens import (
+from movq.data.builtin import BUILTIN_TRAIN_PHOTOS
+from movq.data.tokens import (
     TokenDataError,
     TokenDataset,
     read_token_manifest,
@@ -24,12 +22,9 @@ from movq.tokens import (
     resolve_tokenizer,
     write_token_shard,
 )
+from movq.models.autoencoder import MoVQ
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("tokenize_dataset", ROOT / "tools" / "tokenize_dataset.py")
-tokenize_dataset = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tokenize_dataset  # dataclasses look their module up there
-_spec.loader.exec_module(tokenize_dataset)
 
 
 def tiny_tokenizer(path: Path, resolution: int = 16) -> Path:
@@ -59,7 +54,7 @@ def tok(tmp_path_factory):
 def folder(tmp_path):
     """Two classes of 3 images each (sizes differ, one grey), plus one corrupt file."""
     rng = np.random.default_rng(0)
-    for c, cls in enumerate(["cat", "dog"]):
+    for cls in ["cat", "dog"]:
         (tmp_path / "img" / cls).mkdir(parents=True)
         for i in range(3):
             a = rng.integers(0, 256, (20 + 4 * i, 24, 3), dtype=np.uint8)
@@ -143,7 +138,7 @@ def test_builtin_pseudo_labels(tmp_path, tok):
 
 def test_plan_shards_in_several_folders(tmp_path):
     """Classes come from every folder's manifest, not only the first shard's folder."""
-    from movq.shards import ShardWriter, write_manifest
+    from movq.data.shards import ShardWriter, write_manifest
 
     for name, classes in (("a", None), ("b", ["cat", "dog"]), ("c", ["ant", "bee"])):
         w = ShardWriter(tmp_path / name)
@@ -164,7 +159,7 @@ def test_plan_shards_in_several_folders(tmp_path):
 def test_unreadable_input_shard_fails_clearly(tmp_path, tok, capsys):
     """A shard unreadable from its start is an error naming it, with no token shard for it (as
     the training loader refuses it); bad images inside a readable shard are skipped and counted."""
-    from movq.shards import ShardWriter
+    from movq.data.shards import ShardWriter
 
     png = io.BytesIO()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(png, "PNG")
@@ -191,7 +186,7 @@ def test_unreadable_input_shard_fails_clearly(tmp_path, tok, capsys):
 
 def _synthetic(out: Path, n_shards: int = 3, per: int = 5, shape=(2, 4, 4), k: int = 16) -> np.ndarray:
     """Token shards + manifest written directly; every sample unique (its index in token 0)."""
-    from movq.tokens import finish_shard, prepare_output, write_token_manifest
+    from movq.data.tokens import finish_shard, prepare_output, write_token_manifest
 
     rng = np.random.default_rng(0)
     prepare_output(out, {"channels": shape[0], "height": shape[1], "width": shape[2], "codebook_size": k,

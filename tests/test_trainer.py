@@ -16,11 +16,11 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from movq.autoencoder import MoVQ
 from movq.config import TokenizerConfig, load_config
-from movq.losses import TokenizerLoss
-from movq.trainer import TokenizerTrainer
-from movq.training import NonFiniteError
+from movq.models.autoencoder import MoVQ
+from movq.training.checkpoints import NonFiniteError
+from movq.training.losses import TokenizerLoss
+from movq.training.tokenizer import TokenizerTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_corrupt_shard_members_are_counted(tmp_path, cache):
     cfg.data.source, cfg.data.train = "shards", str(shard_dir / "train-{000000..000001}.tar")
     cfg.data.val, cfg.data.epoch_length = cfg.data.train, 12  # one epoch = the 12 good images
     expected: dict = {}  # what the data stream itself reports for those 6 batches
-    from movq.data import train_batches
+    from movq.data.stream import train_batches
 
     for _, batch in zip(range(6), train_batches(cfg.data)):
         for k, v in batch["skipped"].items():
@@ -189,7 +189,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
 
 TWO_RANK_SCRIPT = """
 import json, sys, torch
-import movq.trainer as T
+import movq.training.checkpoints.tokenizer as T
 from movq.config import TokenizerConfig, load_config
 cfg = load_config(TokenizerConfig, sys.argv[1])
 seen = []
@@ -229,8 +229,8 @@ def test_two_process_cpu_run(tmp_path, cache, free_port):
 
 
 def test_rfid_with_standin_inception_weights(tmp_path, cache, monkeypatch):
-    from movq import fid
-    from movq.inception import standin_state_dict
+    from movq.evaluation import fid
+    from movq.evaluation.inception import standin_state_dict
 
     weights = tmp_path / "standin-inception.pth"
     torch.save(standin_state_dict(seed=0), weights)
@@ -268,7 +268,7 @@ def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
 
 
 def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monkeypatch):
-    from movq.training import eval_mode
+    from movq.training.checkpoints import eval_mode
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     net[0].eval()  # e.g. a frozen feature network inside a training model
@@ -286,7 +286,7 @@ def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monke
     GradientState._reset_state()
     trainer = TokenizerTrainer(tiny_cfg(tmp_path / "run", cache, max_steps=1, ema_decay=0.0))
     assert trainer._eval_model().training
-    monkeypatch.setattr("movq.trainer.TokenizerMetrics.update", failing_update)
+    monkeypatch.setattr("movq.training.tokenizer.TokenizerMetrics.update", failing_update)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.evaluate()
     assert trainer._eval_model().training
@@ -294,8 +294,8 @@ def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monke
 
 def test_weight_ema_averages_trained_parameters_and_copies_the_rest():
     from movq.config import QuantizerConfig
-    from movq.quantizer import MultichannelQuantizer
-    from movq.training import EMA
+    from movq.models.quantizer import MultichannelQuantizer
+    from movq.training.checkpoints import EMA
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({
@@ -322,7 +322,7 @@ def test_weight_ema_averages_trained_parameters_and_copies_the_rest():
 
 
 def test_step_logs_average_the_micro_batches():
-    from movq.train_loop import mean_micro_logs
+    from movq.training.loop import mean_micro_logs
 
     logs = mean_micro_logs([{"loss": torch.tensor(float("nan")), "n": 1.0},
                             {"loss": torch.tensor(2.0), "n": 3.0, "d_loss": torch.tensor(5.0)}])
@@ -361,7 +361,7 @@ def test_resume_with_another_data_layout_warns(tmp_path, cache, capsys):
 
 FAILING_EVAL_SCRIPT = """
 import sys
-import movq.trainer as T
+import movq.training.checkpoints.tokenizer as T
 from movq.config import TokenizerConfig, load_config
 def evaluate(self):
     raise RuntimeError("boom in evaluate")
@@ -385,7 +385,7 @@ def test_an_error_with_loader_workers_running_exits(tmp_path, cache):
 
 
 def test_a_run_folder_is_not_reused_by_accident(tmp_path, cache):
-    from movq.training import ResumeError
+    from movq.training.checkpoints import ResumeError
 
     fit(tiny_cfg(tmp_path / "a", cache, max_steps=2, save_every=2))
     config = (tmp_path / "a" / "config.yaml").read_text()

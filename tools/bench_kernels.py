@@ -39,9 +39,10 @@ if "--quick" in sys.argv and os.environ.get("TRITON_INTERPRET") is None:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
+
 from movq.kernels import multichannel_vq, multichannel_vq_ref  # noqa: E402
 from movq.kernels._autotune import HAS_TRITON  # noqa: E402
-from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 # Dense peak TFLOP/s (no sparsity) from the vendors' data sheets, by math: first matching name wins.
 PEAKS_TFLOPS = [

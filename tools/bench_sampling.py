@@ -23,22 +23,25 @@ shapes on CPU in seconds, to check the harness only (its numbers say nothing abo
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 from einops import rearrange  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from movq.maskgit import LN_EPS, MaskGIT, MaskGITConfig  # noqa: E402
-from movq.sampling import generate  # noqa: E402
-from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
+from movq.config import MaskGITConfig
+from movq.generation.maskgit import generate  # noqa: E402
+from movq.models.maskgit import LN_EPS, MaskGIT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_IMAGES_PER_S = 300.0  # base config, T = 8, bf16, decoding included (issue 6)
@@ -136,9 +139,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats
 # Models of the run
 # --------------------------------------------------------------------------------------
 def build(quick: bool, device: torch.device):
-    from movq.autoencoder import MoVQ
-    from movq.config import TokenizerConfig, load_config
-    from movq.prior_trainer import PriorConfig
+    from movq.config import PriorConfig, TokenizerConfig, load_config
+    from movq.models.autoencoder import MoVQ
 
     if quick:
         prior_cfg = MaskGITConfig(codebook_size=32, channels=2, grid=4, num_classes=10, width=64, depth=2,
@@ -222,9 +224,9 @@ def main(argv=None) -> int:
     results = []
     for steps in args.steps:
         for b in batches:
-            results.append(case("maskgit", b, lambda: maskgit(b, steps), steps))
+            results.append(case("maskgit", b, functools.partial(maskgit, b, steps), steps))
     for b in ar_batches:
-        results.append(case("autoregressive", b, lambda: autoregressive(b), cfg.grid_hw[0] * cfg.grid_hw[1]))
+        results.append(case("autoregressive", b, functools.partial(autoregressive, b), cfg.grid_hw[0] * cfg.grid_hw[1]))
     ar_rate = {r["batch"]: r["images_per_s"] for r in results if r["method"] == "autoregressive"}
     for r in results:
         if r["method"] == "maskgit" and r["batch"] in ar_rate:

@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
+from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 from movq.config import ConfigError, TokenizerConfig, load_config  # noqa: E402
-from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0:  # the median needs one timed step
         p.error("--steps must be >= 1 and --warmup >= 0")
 
-    from movq.trainer import TokenizerTrainer
+    from movq.training.tokenizer import TokenizerTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -1,0 +1,365 @@
+"""Sample images from a trained MaskGIT prior (parallel decoding, then the MoVQ decoder).
+
+    accelerate launch tools/sample.py --checkpoint CKPT --num-samples 50000 --out samples/
+        [--steps 8] [--class-label K | --classes all] [--cfg-scale 2] [--seed 0] [--batch-size 32]
+        [--tokenizer TOK] [--grid] [--steps-strip]
+    python tools/sample.py --checkpoint runs/tiny/prior --num-samples 8 --out edits/ \\
+        --edit photo.jpg --box 16,16,48,48 [--outpaint]
+
+CKPT is a run folder (newest checkpoint), a checkpoint folder (its ema/, else model/) or a model
+folder. The tokenizer defaults to the one the prior's tokens came from (its config's data.tokenizer).
+OUT/.sample_spec.json records the weights and settings: a rerun resumes only the same sampling
+(anything else is refused unless --overwrite).
+
+Writes ``OUT/NNNNNN.png`` (unique global indices) and ``OUT/samples.npz`` (uint8 [N, H, W, 3] under
+``arr_0``, for tools/fid.py). Work is split as DiT's sample_ddp.py does: N is padded up to a
+multiple of the global batch (batch size × processes); rank r draws indices
+``i·global + r·B + [0, B)`` in iteration i and only indices < N are written. The noise of a batch
+is seeded by (seed, its first index), so a rerun with the same settings skips the existing PNGs
+and reproduces the rest. Class labels: ``--classes all`` cycles index mod num_classes (the default
+when sampling); edits are unconditional (the null class) unless ``--class-label`` or ``--classes all``
+is given, since the image's class is unknown; classifier-free guidance then has no class to guide
+towards and is off.
+
+Editing (``--edit IMAGE --box x0,y0,x1,y1``, box in pixels of IMAGE): the image is centre-cropped to a
+square and resized to the prior's resolution, encoded, the tokens of the cells touching the box
+are masked (``--outpaint``: every cell not inside the box), and the prior fills them in
+``--num-samples`` variations; ``OUT/edit.png`` shows the image, its reconstruction by the tokenizer,
+the masked reconstruction, and below them the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from movq.config import atomic_write_text, output_problem
+
+log = logging.getLogger("sample")
+
+GRID_MAX = 64  # images in --grid
+STRIP_ROWS = 4  # samples in --steps-strip
+SPEC_NAME = ".sample_spec.json"
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    parts = text.split(",")
+    try:
+        box = tuple(float(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"--box must be four numbers x0,y0,x1,y1, got {text!r}")
+    return box  # type: ignore[return-value]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run, checkpoint or model folder of a prior")
+    p.add_argument("--num-samples", type=int, required=True, help="images to write")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, help="decoding steps T (default: the config's sample.steps)")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--class-label", type=int, help="one class for every sample")
+    cls.add_argument("--classes", choices=["all"],
+                     help="cycle through all classes (the default, except with --edit: the null class)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"])
+    p.add_argument("--temperature", type=float, help="token sampling temperature")
+    p.add_argument("--choice-temperature", type=float, help="Gumbel noise on the re-masking confidence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per step per process")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the prior's data.tokenizer)")
+    p.add_argument("--model", choices=["ema", "model"], default="ema", help="weights of a checkpoint folder")
+    p.add_argument("--grid", action="store_true", help=f"also write grid.png of the first {GRID_MAX}")
+    p.add_argument("--steps-strip", action="store_true", help="also write steps.png: the decoding steps")
+    p.add_argument("--save-tokens", action="store_true", help="also write tokens/NNNNNN.npy (uint16 [C, h, w])")
+    p.add_argument("--edit", metavar="IMAGE", help="inpaint (or outpaint) this image")
+    p.add_argument("--box", type=parse_box, help="x0,y0,x1,y1 in pixels of IMAGE (with --edit)")
+    p.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace samples in OUT made with other settings or another checkpoint (else refused)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--cpu", action="store_true", help="force CPU (needed for a multi-process CPU run)")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1:
+        p.error("--num-samples and --batch-size must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if bool(args.edit) != (args.box is not None):
+        p.error("--edit and --box go together")
+    if args.outpaint and not args.edit:
+        p.error("--outpaint needs --edit and --box")
+    problem = output_problem(args.out, folder=True)
+    if problem:
+        p.error(f"--out: {problem}")
+    return args
+
+
+class SampleError(ValueError):
+    """Bad input to the sampler; printed as one line."""
+
+
+def _label_rule(args, num_classes: int) -> str:
+    """How samples get class labels: "null" (unconditional), "cycle" (index mod num_classes) or "class K"."""
+    if args.class_label is not None:
+        return f"class {args.class_label}"
+    if num_classes == 0 or (args.edit and args.classes is None):
+        return "null"
+    return "cycle"
+
+
+def _labels(rule: str, num_classes: int, index: np.ndarray, device) -> Optional[torch.Tensor]:
+    """Class labels of the samples with global indices ``index`` under ``rule``; None = the null class."""
+    if rule == "null":
+        return None
+    if rule == "cycle":
+        return torch.from_numpy(index % num_classes).to(device)
+    return torch.full((len(index),), int(rule.split()[1]), dtype=torch.long, device=device)
+
+
+def batch_indices(iteration: int, rank: int, batch: int, world: int) -> np.ndarray:
+    """Global sample indices of ``rank``'s batch in ``iteration`` (DiT's sample_ddp layout)."""
+    return iteration * batch * world + rank * batch + np.arange(batch)
+
+
+def _batch_seed(seed: int, first: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**32, first]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def _edit_source(args, tokenizer, hw: tuple[int, int], device):
+    """(image [1, 3, S, S] in [-1, 1], tokens [1, C, h, w], known bool [h, w], box in crop pixels)."""
+    from movq.data.stream import SkipSample, crop_square, decode_image, images_from_uint8
+    from movq.generation.maskgit import box_mask
+
+    path = Path(args.edit)
+    if not path.is_file():
+        raise SampleError(f"--edit {path}: no such file")
+    try:
+        img, _ = decode_image(path.read_bytes())
+    except SkipSample as e:
+        raise SampleError(f"--edit {path}: not a usable image ({e})") from None
+    W, H = img.size
+    x0, y0, x1, y1 = args.box
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise SampleError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} (the image is {W}×{H})")
+    f = tokenizer.downsample_factor
+    size = hw[0] * f
+    if hw[0] != hw[1]:
+        raise SampleError(f"editing needs a square token grid, the prior's is {hw}")
+    side = min(W, H)
+    left, top, scale = (W - side) // 2, (H - side) // 2, size / side
+    box = [min(max((x0 - left) * scale, 0), size), min(max((y0 - top) * scale, 0), size),
+           min(max((x1 - left) * scale, 0), size), min(max((y1 - top) * scale, 0), size)]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise SampleError(f"--box {args.box} lies outside the centre square ({left}, {top}, {left + side}, {top + side}) that is edited")
+    crop, _ = crop_square(img, size)
+    x = images_from_uint8(torch.from_numpy(np.array(crop, dtype=np.uint8))[None]).to(device)
+    with torch.no_grad():
+        tokens = tokenizer.encode(x).indices
+    known = box_mask(hw[0], hw[1], box, image_size=size, inside=not args.outpaint).to(device)
+    return x, tokens, known, box
+
+
+def _tokens_tokenizer(tokens: Optional[str]) -> Optional[str]:
+    """sha256 of the tokenizer that made the prior's training tokens, when that folder is still there."""
+    from movq.data.tokens import TokenDataError, read_token_manifest
+
+    try:
+        return read_token_manifest(tokens).get("tokenizer_sha256") if tokens else None
+    except (OSError, TokenDataError):
+        return None
+
+
+def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
+    """Resume only samples made the same way: OUT/.sample_spec.json records how; returns an error."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(spec))  # tuples → lists, as read back
+    path = out / SPEC_NAME
+    old = json.loads(path.read_text()) if path.is_file() else None
+    existing = list(out.glob("[0-9]*.png"))
+    if old != spec and (existing or old is not None):
+        if not overwrite:
+            what = ", ".join(sorted(k for k in set(old or {}) | set(spec) if (old or {}).get(k) != spec.get(k)))
+            return (f"{out} holds samples made with other settings ({what} differ); "
+                    "pass --overwrite to replace them, or use a new folder")
+        extras = ("samples.npz", "sampling.json", "grid.png", "steps.png", "edit.png", "edit_source.npz")
+        for stale in existing + [out / name for name in extras] + list(out.glob("tokens/*.npy")):
+            stale.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(spec, indent=1))
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from movq.data.stream import images_from_uint8
+    from movq.data.tokens import file_digest, resolve_tokenizer
+    from movq.evaluation.visualize import save_grid, to_uint8
+    from movq.generation.maskgit import generate
+    from movq.training.prior import (
+        WEIGHTS_NAME,
+        decode_tokens,
+        grid_columns,
+        load_decoder,
+        load_prior,
+        resolve_prior,
+        rows_of,
+        shade_cells,
+    )
+
+    acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    rank, world, dev = acc.process_index, acc.num_processes, acc.device
+    try:
+        model, cfg = load_prior(args.checkpoint, map_location=str(dev), prefer=args.model)
+        nc = model.num_classes
+        if nc == 0 and args.class_label is not None:
+            raise SampleError("--class-label given but the prior is unconditional (model.num_classes = 0)")
+        if args.class_label is not None and not 0 <= args.class_label < nc:
+            raise SampleError(f"--class-label {args.class_label} is outside [0, {nc})")
+        tok_path = args.tokenizer or cfg.data.tokenizer
+        if not tok_path:
+            raise SampleError("no tokenizer to decode the tokens: pass --tokenizer (a MoVQ checkpoint folder)")
+        tokenizer = load_decoder(tok_path, cfg.model, dev)
+        edit = _edit_source(args, tokenizer, cfg.model.grid_hw, dev) if args.edit else None
+    except (SampleError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = cfg.sample
+    opts = dict(steps=args.steps or s.steps, temperature=s.temperature if args.temperature is None else args.temperature,
+                choice_temperature=s.choice_temperature if args.choice_temperature is None else args.choice_temperature,
+                schedule=cfg.model.mask_schedule)
+    scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    rule = _label_rule(args, nc)
+    # null-class samples have nothing to guide towards: guidance is off for them (recorded as scale 1)
+    guidance = dict(cfg_scale=scale if rule != "null" else 1.0, cfg_schedule=args.cfg_schedule or s.cfg_schedule)
+    out = Path(args.out)
+    error = None
+    if acc.is_main_process:
+        spec = {"prior_sha256": file_digest(resolve_prior(args.checkpoint, args.model) / WEIGHTS_NAME),
+                "tokenizer_sha256": file_digest(resolve_tokenizer(tok_path) / WEIGHTS_NAME), "seed": args.seed,
+                "batch_size": args.batch_size, "labels": rule,
+                "bf16": args.bf16, "save_tokens": args.save_tokens, "device": dev.type, **opts, **guidance,
+                "edit_sha256": file_digest(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
+        trained_on = _tokens_tokenizer(cfg.data.tokens)
+        if trained_on and trained_on != spec["tokenizer_sha256"]:
+            print(f"warning: the prior learned tokens of another tokenizer ({cfg.data.tokens}, sha256 "
+                  f"{trained_on[:12]}...); decoded with {tok_path} its samples will not look right", file=sys.stderr)
+        error = _prepare_out(out, spec, args.overwrite)
+        if args.save_tokens:
+            (out / "tokens").mkdir(exist_ok=True)
+    errors = [e for e in (gather_object([error]) if world > 1 else [error]) if e]
+    if errors:
+        print(f"error: {errors[0]}", file=sys.stderr)
+        return 2
+
+    def sample(index: np.ndarray, history: bool = False):
+        labels = _labels(rule, nc, index, dev)
+        g = torch.Generator(dev).manual_seed(_batch_seed(args.seed, int(index[0])))
+        kw = dict(tokens=edit[1].expand(len(index), -1, -1, -1), known_mask=edit[2]) if edit else {}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            return generate(model, labels, num_samples=len(index), generator=g, return_history=history,
+                            **kw, **guidance, **opts)
+
+    def to_images(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            return decode_tokens(tokenizer, tokens)
+
+    n, b = args.num_samples, args.batch_size
+    global_batch = b * world
+    iterations = math.ceil(n / global_batch)
+    progress = None
+    if acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=iterations, unit="batch", desc=f"sampling ({world} process(es))", dynamic_ncols=True)
+    t0, made = time.time(), 0
+    for it in range(iterations):
+        index = batch_indices(it, rank, b, world)
+        todo = [i for i in index if i < n and not (out / f"{i:06d}.png").is_file()]
+        if todo:
+            tokens = sample(index)
+            images = to_uint8(to_images(tokens))
+            for j, i in enumerate(index):
+                if i in todo:
+                    _write_png(images[j], out / f"{i:06d}.png")
+                    if args.save_tokens:
+                        np.save(out / "tokens" / f"{i:06d}.npy", tokens[j].cpu().numpy().astype(np.uint16))
+            made += len(todo)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(img_s=f"{made * world / max(time.time() - t0, 1e-9):.1f}")
+    if progress is not None:
+        progress.close()
+    seconds = time.time() - t0
+    made_all = sum(gather_object([made])) if world > 1 else made
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return 0
+
+    missing = [i for i in range(n) if not (out / f"{i:06d}.png").is_file()]
+    if missing:
+        print(f"error: {len(missing)} sample(s) missing in {out}, e.g. {missing[:3]}", file=sys.stderr)
+        return 1
+    def read(i: int) -> np.ndarray:
+        with Image.open(out / f"{i:06d}.png") as im:
+            return np.asarray(im.convert("RGB"))
+
+    arrays = np.stack([read(i) for i in range(n)])
+    tmp = out / ".samples.npz.tmp.npz"
+    np.savez(tmp, arr_0=arrays)
+    os.replace(tmp, out / "samples.npz")
+    if args.grid:
+        grid = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
+        columns = grid_columns(nc if args.class_label is None else 0)  # one class per column
+        save_grid(rows_of(grid, columns), out / "grid.png")
+    if args.steps_strip:
+        # The first batch again, with its history: the strip's rows end in 000000.png, 000001.png, ...
+        _, hist = sample(batch_indices(0, 0, b, world), history=True)
+        rows = min(STRIP_ROWS, n, b)
+        pred, states = hist.predictions[:rows], hist.states[:rows]  # [rows, T, C, h, w]
+        frames = [to_images(pred[:, k]).cpu() for k in range(pred.shape[1])]
+        known = [(states[:, k] != model.mask_id).float().mean(1).cpu() for k in range(len(frames))]
+        shaded = [shade_cells(fr, kn) for fr, kn in zip(frames, known)]
+        # rows: samples; columns: step k's prediction, greyed by the share of each cell still masked after it
+        save_grid([torch.stack([sh[r] for sh in shaded]) for r in range(rows)], out / "steps.png")
+    if edit is not None:
+        x, tokens, known, _ = edit
+        source = x.cpu().float().clamp(-1, 1)
+        recon = to_images(tokens).cpu()  # the tokenizer's ceiling: what the known tokens decode to
+        results = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
+        first = torch.cat([source, recon, shade_cells(recon, known[None].cpu())])
+        save_grid([first, *rows_of(results, 8)], out / "edit.png")
+        np.savez(out / "edit_source.npz", tokens=tokens[0].cpu().numpy().astype(np.uint16), known=known.cpu().numpy())
+    info = {"num_samples": n, "generated_now": made_all, "seconds": seconds, "processes": world,
+            "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
+            "checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "seed": args.seed, **opts, **guidance,
+            "labels": rule, "edit": args.edit, "box": args.box, "outpaint": args.outpaint}
+    atomic_write_text(out / "sampling.json", json.dumps(info, indent=1))
+    rate = f"{made_all / seconds:.1f} images/s" if made_all and seconds > 0 else "nothing new to sample"
+    print(f"{n} samples in {out} (samples.npz: {arrays.shape}); {made_all} generated in {seconds:.1f} s, {rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The training tools: ``movq-train`` / tools/train_tokenizer.py (the tokenizer) and ``movq-train-prior`` /
+tools/train_prior.py (the MaskGIT prior), with the command line, exit codes and summary they share."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from accelerate import Accelerator
+
+
+def parse_train_args(argv: Optional[Sequence[str]], description: str, config_help: str) -> argparse.Namespace:
+    """The training tools' command line, ``--config FILE [key.sub=value ...]``, and their logging:
+    INFO on rank 0, WARNING on the others, Accelerate's one line per saved file kept quiet."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return args
+
+
+def summary_banner(summary: dict, accelerator: Accelerator, body: Sequence[str], checkpoint_hint: str) -> str:
+    """The block the training tools print at the end of ``fit()``: steps and time, the ``body`` lines,
+    the run folder and the newest checkpoint (``checkpoint_hint`` says how to load it)."""
+    rule = "=" * 64
+    return "\n".join([
+        "",
+        rule,
+        f" trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min"
+        f" ({accelerator.num_processes} process(es), {accelerator.device})",
+        *body,
+        f" run folder:   {summary['run_dir']}  (config.yaml, metrics.jsonl, images/)",
+        f" checkpoint:   {summary['checkpoint']}  ({checkpoint_hint})",
+        rule,
+    ])
+
+
+def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
+    """Load the config, build the trainer and fit; returns ``(trainer, summary, exit_code)``.
+
+    Bad configs, missing files and bad settings are one ``error:`` line and exit code 2 (``trainer``
+    and ``summary`` are then None where not built); too many non-finite steps in a row give 3; a run
+    stopped early by SIGINT / SIGTERM (checkpoint saved) gives 128 + the signal (130 / 143)."""
+    from movq.config import ConfigError, load_config
+    from movq.training.checkpoints import NonFiniteError, ResumeError
+
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        trainer = trainer_cls(cfg)  # missing LPIPS / token files, bad loop settings: one-line errors
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, None, 2
+    try:
+        summary = trainer.fit()
+        # stopped by SIGINT / SIGTERM (checkpoint saved): 128 + the signal, so a chained script stops too
+        return trainer, summary, 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return trainer, None, 2
+    except NonFiniteError as e:
+        trainer.acc.print(f"error: {e}")
+        return trainer, None, 3
+    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return trainer, None, 2
+
+
+TOKENIZER_USAGE = """Train a MoVQ tokenizer (``movq-train``, ``tools/train_tokenizer.py``).
+
+    accelerate launch tools/train_tokenizer.py --config configs/ffhq256.yaml [key.sub=value ...]
+    python tools/train_tokenizer.py --config configs/tiny.yaml train.max_steps=100
+    torchrun --nproc_per_node 2 tools/train_tokenizer.py --config configs/tiny.yaml
+
+Overrides use the config's dotted keys, e.g. ``train.run_dir=runs/x train.resume=latest``.
+"""
+
+PRIOR_USAGE = """Train a MaskGIT prior on token shards made by tools/tokenize_dataset.py (``movq-train-prior``,
+``tools/train_prior.py``).
+
+    accelerate launch tools/train_prior.py --config configs/maskgit_base.yaml [key.sub=value ...]
+    python tools/train_prior.py --config configs/maskgit_tiny.yaml train.max_steps=100
+    torchrun --nproc_per_node 2 tools/train_prior.py --config configs/maskgit_tiny.yaml
+
+Overrides use the config's dotted keys, e.g. ``data.tokens=runs/x/tokens train.resume=latest``.
+The run folder gets config.yaml, metrics.jsonl, images/ (sample grids and inpainting examples) and
+checkpoints/NNNNNNN/{model,ema}/ (``MaskGIT.from_pretrained``, or tools/sample.py --checkpoint RUN).
+"""
+
+
+def main_tokenizer(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_train_args(argv, TOKENIZER_USAGE, "YAML config (see configs/)")
+
+    from movq.config import TokenizerConfig
+    from movq.training.tokenizer import TokenizerTrainer
+
+    trainer, summary, code = build_and_fit(TokenizerConfig, TokenizerTrainer, args)
+    if summary is None:
+        return code
+    if trainer.acc.is_main_process:
+        ev = summary["eval"]
+        body = [
+            f" held-out PSNR {ev['val/psnr']:.2f} dB   SSIM {ev['val/ssim']:.3f}"
+            + (f"   LPIPS {ev['val/lpips']:.3f}" if "val/lpips" in ev else "")
+            + f"\n codebook usage {100 * ev['val/codebook_usage']:.1f}%   perplexity {ev['val/perplexity']:.1f}"
+            if "val/psnr" in ev else " no evaluation yet (stopped before the first one)",
+            f" non-finite steps skipped: {summary['bad_steps']}   data skipped: {summary['data_skipped'] or 'none'}",
+        ]
+        print(summary_banner(summary, trainer.acc, body, "model/, ema/ load with MoVQ.from_pretrained"))
+    return code  # 0, or 128 + the signal that stopped the run early
+
+
+def main_prior(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_train_args(argv, PRIOR_USAGE, "YAML config (configs/maskgit_*.yaml)")
+
+    from movq.config import PriorConfig
+    from movq.training.prior import PriorTrainer
+
+    trainer, summary, code = build_and_fit(PriorConfig, PriorTrainer, args)
+    if summary is None:
+        return code
+    if trainer.acc.is_main_process:
+        ev, m = summary["eval"], trainer.cfg.model
+        kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
+        body = [
+            f" prior: {trainer.prior.num_params() / 1e6:.2f}M parameters, {m.channels}×{m.grid_hw[0]}×{m.grid_hw[1]}"
+            f" tokens, K={m.codebook_size}, {kind}",
+            f" FID {ev['fid']:.2f}" if "fid" in ev else " FID: not computed (needs train.fid_every, Inception weights, a tokenizer)",
+            f" non-finite steps skipped: {summary['bad_steps']}",
+            f" samples:      {ev.get('samples', '-')}",
+            f" inpainting:   {ev.get('inpaint', '-')}",
+        ]
+        print(summary_banner(summary, trainer.acc, body, f"tools/sample.py --checkpoint {summary['run_dir']}"))
+    return code  # 0, or 128 + the signal that stopped the run early

@@ -1,0 +1,186 @@
+"""The shard format: webdataset-style tar shards plus a ``manifest.json`` with a sha256 per shard.
+
+Reference: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
+share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample). Writing (``ShardWriter``: fixed tar
+headers, ``add_member``, so equal input gives byte-identical shards and checksums; ``write_manifest``) and
+reading (``read_manifest``; ``read_manifests``, ``manifest_counts`` and ``manifest_classes`` for
+shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample).
+Decoding the samples and streaming them to ranks is ``movq.data``'s job.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from movq.config import atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "movq-shards/1"
+
+
+class ShardWriter:
+    """Writes samples to ``out_dir/{prefix}-{i:06d}.tar``, ``maxcount`` samples per shard.
+
+    Headers carry no time or owner, so equal input gives byte-identical shards (and checksums);
+    each shard is written under a temporary name and renamed when complete."""
+
+    def __init__(self, out_dir: Union[str, os.PathLike], prefix: str = "shard", maxcount: int = 1000):
+        if maxcount < 1:
+            raise ValueError(f"maxcount must be ≥ 1, got {maxcount}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.maxcount = prefix, maxcount
+        self.shards: list[dict] = []  # {"name", "count", "sha256"} per finished shard
+        self._tar: Optional[tarfile.TarFile] = None
+        self._count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
+        if self._tar is None:
+            name = f"{self.prefix}-{len(self.shards):06d}.tar"
+            self._tar = tarfile.open(self.out_dir / f".{name}.tmp", "w", format=tarfile.USTAR_FORMAT)
+            self._name, self._count = name, 0
+        for ext, data in members.items():
+            add_member(self._tar, f"{key}.{ext}", data)
+        self._count += 1
+        if self._count >= self.maxcount:
+            self._finish()
+
+    def flush(self) -> None:
+        """End the current shard now (the next sample starts a new one)."""
+        if self._tar is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        tmp = self.out_dir / f".{self._name}.tmp"
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, self.out_dir / self._name)
+        self.shards.append({"name": self._name, "count": self._count, "sha256": digest})
+        self._tar = None
+
+    def close(self) -> list[dict]:
+        self.flush()
+        return self.shards
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one file with a fixed header (no time, owner or umask), so equal bytes give equal tars."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:
+    """Write ``manifest.json``: format, count, shards (name, count, sha256) and ``info``
+    (classes, image_size, image_format, skipped, ...). Atomic (``atomic_write_text``)."""
+    manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards), **info,
+                "shards": shards}
+    atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format is not {MANIFEST_FORMAT}")
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys() for s in shards
+        ):
+            raise ValueError("'shards' must be a list of {name, count, sha256} entries")
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
+    return manifest
+
+
+def read_manifests(shards: Sequence[str]) -> dict[Path, dict]:
+    """The manifest of each distinct folder holding ``shards``, by folder in first-seen order;
+    folders without a ``manifest.json`` are left out. A pattern may span several folders, and
+    each folder's manifest describes only its own shards."""
+    manifests = {}
+    for folder in dict.fromkeys(Path(s).parent for s in shards):
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            manifests[folder] = manifest
+    return manifests
+
+
+def manifest_counts(manifests: dict[Path, dict]) -> dict[Path, int]:
+    """Samples per shard, keyed by the shard's path (folder / name), so equal shard names in
+    different folders stay apart."""
+    return {folder / s["name"]: s["count"] for folder, m in manifests.items() for s in m["shards"]}
+
+
+def manifest_classes(manifests: dict[Path, dict]) -> Optional[list[str]]:
+    """The class names the manifests list (None if none does). Every manifest that lists classes
+    must list the same ones, as a label means one class across all shards: ValueError otherwise,
+    naming two folders that differ."""
+    first, classes = None, None
+    for folder, m in manifests.items():
+        listed = m.get("classes") or None
+        if listed is None:
+            continue
+        if classes is None:
+            first, classes = folder, list(listed)
+        elif list(listed) != classes:
+            raise ValueError(
+                f"the shard manifests of {first} and {folder} list different classes "
+                f"({classes[:5]}... vs {list(listed)[:5]}...): labels would mean different classes; "
+                f"use shards made with the same class list"
+            )
+    return classes
+
+
+def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
+    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths; a folder
+    stands for its ``*.tar`` files (as tools/tokenize_dataset.py takes it). Every shard must exist: a
+    missing one fails here, naming it."""
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(pattern, str) and Path(pattern).expanduser().is_dir():
+        urls = sorted(str(p) for p in Path(pattern).expanduser().glob("*.tar"))
+        if not urls:
+            raise ValueError(f"shard folder {pattern} holds no .tar files")
+        return urls
+    urls = list(pattern) if not isinstance(pattern, str) else expand_urls(pattern)
+    if not urls:
+        raise ValueError(f"shard pattern {pattern!r} matches no shards")
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist, e.g. {missing[:3]}"
+        )
+    return urls
+
+
+def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample; key = member path up to the first '.' of its name.
+    A tar that breaks off raises ``tarfile.TarError``/``OSError`` after the samples before it."""
+    key, members = None, {}
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            head, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            this = f"{head}/{stem}" if head else stem
+            if key is not None and this != key:
+                yield key, members
+                members = {}
+            key = this
+            members[ext.lower()] = tar.extractfile(m).read()
+    if key is not None:
+        yield key, members

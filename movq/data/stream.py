@@ -1,0 +1,383 @@
+"""Training images: decoding, and the per-rank batch stream over webdataset tar shards, plain
+image folders, or the built-in offline dataset.
+
+The shard format (writing, manifests, reading tars) lives in ``movq.shards``, the raw sample
+sources (folders, shards, per-rank read order, health checks) in ``movq.sources`` and the built-in
+dataset in ``movq.builtin_data``; their public names are re-exported here.
+
+References: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
+share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample), the ``DistributedSampler.set_epoch``
+idiom, and taming-transformers' loaders (shorter side to S, then an S×S crop).
+
+What the trainer gets from ``build_dataloader(cfg, split, rank=, world_size=, labels=, epoch=)``:
+a ``DataLoader`` yielding dicts
+
+* ``image``: float32 [B, 3, S, S] in [-1, 1] (S = ``cfg.image_size``),
+* ``label``: int64 [B], the class index, or -1 when ``labels=False`` (``labels=True`` on an
+  unlabeled dataset raises),
+* ``key``: list of B sample keys (file paths or shard keys),
+* ``skipped`` / ``converted``: dict reason → count, for that worker since its previous batch;
+  the trainer sums them over batches (and ranks) to report how much bad input it met.
+  Skip reasons: corrupt, truncated, not_image, too_large, empty, unsupported_mode, bad_label,
+  io_error, truncated_shard. Conversions: ``mode:<PIL mode>`` (L, LA, P, RGBA, CMYK, I;16, ...)
+  and ``upscaled`` (an image smaller than S).
+
+``train`` is epoch-based: every rank yields exactly ``steps_per_epoch = epoch_length //
+(batch_size * world_size)`` full batches per epoch, so ranks stay in step however many images
+are skipped. Epoch ``e`` is a pure function of (seed, e, rank, world_size, num_workers); ranks
+draw disjoint slices of each epoch's permutation (of files, or of shards followed by a
+per-worker shuffle buffer), topped up from the next permutation when skips or a long epoch
+need it. To resume at step N: build epoch ``N // steps_per_epoch`` and drop its first
+``N % steps_per_epoch`` batches (``train_batches(start_step=N)`` does this; accelerate's
+``skip_first_batches`` gives the same result).
+
+``val`` is finite and deterministic (no augmentation, centre crop); each image is seen once
+across ranks (folders split by file, shards by shard: make at least world_size × num_workers
+val shards). Ranks may get different numbers of batches, so the trainer accumulates metric
+sums locally and reduces them once after the loop (no per-batch gather).
+
+These loaders are already per rank: do not pass them through ``accelerator.prepare`` (it would
+re-split or dispatch them); move batches to the device yourself.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from movq.config import DataConfig
+from movq.data.builtin import builtin_dataset
+from movq.data.sources import _FolderSource, _ShardSource, folder_classes
+
+logger = logging.getLogger(__name__)
+
+_MAX_LOGGED = 5  # skip warnings per reason and worker; the counts themselves always go on
+
+
+# --------------------------------------------------------------------------------------
+# Decoding: bytes → RGB image → S×S uint8, or a counted reason why not
+# --------------------------------------------------------------------------------------
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, min_size: int = 0) -> tuple[Image.Image, Optional[str]]:
+    """Decode to RGB. Returns (image, conversion), conversion ``"mode:<mode>"`` when the stored
+    mode was not RGB. ``min_size`` lets JPEG decode at a reduced scale that stays ≥ min_size.
+    Raises ``SkipSample`` (corrupt | truncated | too_large | empty | unsupported_mode)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if min_size and img.format == "JPEG":
+            img.draft(img.mode, (min_size, min_size))
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise SkipSample("too_large", str(e)) from None
+    except UnidentifiedImageError as e:
+        raise SkipSample("corrupt", str(e)) from None
+    except Exception as e:  # PIL reports damage as OSError, ValueError, SyntaxError, struct.error...
+        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
+        raise SkipSample(reason, f"{type(e).__name__}: {e}") from None
+    if img.width == 0 or img.height == 0:
+        raise SkipSample("empty")
+    try:  # in place: without an orientation tag the default would copy every image
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # a broken EXIF block must not cost the image; keep it as it is
+        pass
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, Optional[str]]:
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    conversion = f"mode:{mode}"
+    try:
+        if mode == "I" or mode.startswith("I;16"):
+            # 16-bit samples (PNG/TIFF): map 0..65535 onto 0..255 rather than clip at 255.
+            a = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+            return Image.fromarray(np.round(a).astype(np.uint8)).convert("RGB"), conversion
+        if mode == "F":
+            a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+            a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a  # float images are [0,1] or [0,255]
+            return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB"), conversion
+        if mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            if img.mode == "RGB":
+                return img, conversion
+        if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+            # Transparent pixels hold arbitrary colours; show them over white as a viewer would.
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB"), conversion
+        return img.convert("RGB"), conversion
+    except (ValueError, OSError) as e:
+        raise SkipSample("unsupported_mode", f"{mode}: {e}") from None
+
+
+def crop_square(
+    img: Image.Image, size: int, rng: Optional[np.random.Generator] = None
+) -> tuple[Image.Image, bool]:
+    """The largest square (centred, or at a random offset when ``rng`` is given) resized to
+    size × size, i.e. shorter side → size then crop. Returns (image, upscaled)."""
+    W, H = img.size
+    side = min(W, H)
+    if rng is None:
+        left, top = (W - side) // 2, (H - side) // 2
+    else:
+        left, top = int(rng.integers(0, W - side + 1)), int(rng.integers(0, H - side + 1))
+    box = (left, top, left + side, top + side)
+    if side == size:
+        return img.crop(box), False
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box), side < size
+
+
+def load_image(
+    data: bytes, size: int, rng: Optional[np.random.Generator] = None
+) -> tuple[np.ndarray, list[str]]:
+    """Decode and crop to ``uint8 [size, size, 3]`` (centred, or at a random offset with ``rng``).
+    Returns (array, conversions: ``"mode:<mode>"`` and/or ``"upscaled"``); raises ``SkipSample``."""
+    img, conversion = decode_image(data, min_size=size)
+    img, upscaled = crop_square(img, size, rng)
+    conversions = [c for c in (conversion, "upscaled" if upscaled else None) if c]
+    return np.asarray(img, dtype=np.uint8), conversions
+
+
+# --------------------------------------------------------------------------------------
+# The per-rank batch stream
+# --------------------------------------------------------------------------------------
+class ImageStream(IterableDataset):
+    """Batches of one rank (see the module docstring). ``num_classes``: from the manifest or
+    the class folders, else None. ``steps_per_epoch``: batches per rank per train epoch."""
+
+    def __init__(self, source, *, train: bool, image_size: int, batch_size: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, epoch: int, labels: bool,
+                 random_flip: bool, epoch_length: Optional[int], shuffle_buffer: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or image_size < 1:
+            raise ValueError(f"batch_size and image_size must be ≥ 1, got {batch_size}, {image_size}")
+        self.source, self.train = source, train
+        self.image_size, self.batch_size = image_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)  # 0 workers: one in-process "worker"
+        self.seed = seed % 2**32  # SeedSequence wants a non-negative entropy
+        self.epoch, self.labels, self.random_flip = epoch, labels, random_flip
+        self.shuffle_buffer = shuffle_buffer
+        self.num_classes = len(source.classes) if source.classes else None
+        self.steps_per_epoch = 0
+        if train:
+            length = epoch_length or source.count
+            if not length:
+                raise ValueError(
+                    f"data.epoch_length must be set: {source.describe()} has no manifest.json "
+                    "to count its samples (tools/make_shards.py writes one; shards made elsewhere need "
+                    "data.epoch_length=<samples per epoch>)"
+                )
+            self.steps_per_epoch = max(1, length // (batch_size * world_size))
+        elif isinstance(source, _ShardSource) and len(source.shards) < world_size * self.num_workers:
+            logger.warning(
+                "%d val shards for %d ranks × %d workers: some readers get none (each image is "
+                "still seen once)", len(source.shards), world_size, self.num_workers,
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Takes effect at the next ``iter`` (workers are not persistent)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.steps_per_epoch
+        if isinstance(self.source, _FolderSource):  # val: exact unless images are skipped
+            C = self.world_size * self.num_workers
+            ks = [self.rank + self.world_size * w for w in range(self.num_workers)]
+            return sum(-(-len(range(k, self.source.count, C)) // self.batch_size) for k in ks)
+        raise TypeError("the number of val batches of a shard dataset is not known in advance")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None:
+            if info.num_workers != self.num_workers:
+                raise RuntimeError(
+                    f"dataset built for {self.num_workers} workers but the DataLoader has "
+                    f"{info.num_workers}: use build_dataloader, or the same data.num_workers"
+                )
+            # Ctrl-C reaches the whole foreground group: the main process handles it (save, then stop), so a
+            # worker ignores it and keeps serving batches until then. SIGTERM gets its default back (not the
+            # trainer's inherited handler): the main process's cleanup terminates workers with it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            yield from self._worker(info.id)
+            return
+        # Iterated in-process: interleave the workers' streams exactly as DataLoader would
+        # (round robin, exhausted workers dropped), so the batches do not depend on how many
+        # processes actually run them.
+        active = [self._worker(w) for w in range(self.num_workers)]
+        while active:
+            for gen in list(active):
+                batch = next(gen, None)
+                if batch is None:
+                    active.remove(gen)
+                else:
+                    yield batch
+
+    def _worker(self, w: int) -> Iterator[dict]:
+        consumer = self.rank + self.world_size * w
+        consumers = self.world_size * self.num_workers
+        base = [self.seed, self.epoch, self.rank, self.world_size, self.num_workers, w]
+        shuffle_rng = np.random.default_rng(base + [3])
+        aug_rng = np.random.default_rng(base + [4])
+        health = self.source.health()
+        if self.train:
+            quota = len(range(w, self.steps_per_epoch, self.num_workers))
+            if quota == 0:
+                return
+            raws = self.source.train_stream(self.epoch, self.seed, consumer, consumers, shuffle_rng,
+                                            self.shuffle_buffer, health, batch=self.batch_size,
+                                            workers=self.num_workers)
+        else:
+            quota = None
+            raws = self.source.val_stream(consumer, consumers, health)
+        images, labels, keys = [], [], []
+        skipped, converted, logged = Counter(), Counter(), Counter()
+        done, held = 0, None  # val: the last full batch, held back to carry trailing skips
+        for raw in raws:
+            reason = raw.skip
+            if reason is None:
+                try:
+                    arr, conversions = self._load(raw.data, aug_rng)
+                except SkipSample as e:
+                    reason = e.reason
+                    if logged[reason] < _MAX_LOGGED:
+                        logger.warning("skipping %s (%s)", raw.key, e)
+            health.result(raw, reason)
+            if reason is not None:
+                skipped[reason] += 1
+                logged[reason] += 1
+                continue
+            converted.update(conversions)
+            images.append(arr)
+            labels.append(raw.label)
+            keys.append(raw.key)
+            if len(images) < self.batch_size:
+                continue
+            batch = _collate(images, labels, keys, skipped, converted)
+            images, labels, keys = [], [], []
+            skipped, converted = Counter(), Counter()
+            if quota is not None:
+                yield batch
+                done += 1
+                if done == quota:
+                    return
+            else:
+                if held is not None:
+                    yield held
+                held = batch
+        if images:
+            if held is not None:
+                yield held
+            held = _collate(images, labels, keys, skipped, converted)
+        elif held is not None:
+            held["skipped"] = dict(Counter(held["skipped"]) + skipped)
+        elif skipped:
+            logger.warning("val: this reader got no usable image; skipped %s", dict(skipped))
+        if held is not None:
+            yield held
+
+    def _load(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        arr, conversions = load_image(data, self.image_size, rng if self.train else None)  # [S, S, 3]
+        if self.train and self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return arr, conversions
+
+
+def images_from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1], the inverse of
+    ``movq.visualize.to_uint8``. The result keeps the input's channels-last strides (not contiguous)."""
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _collate(images, labels, keys, skipped: Counter, converted: Counter) -> dict:
+    x = images_from_uint8(torch.from_numpy(np.stack(images))).contiguous()  # [B, 3, S, S] in [-1, 1]
+    return {"image": x, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+            "skipped": dict(skipped), "converted": dict(converted)}
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+def _source(cfg: DataConfig, split: str, labels: bool):
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.source == "builtin":
+        if labels:
+            raise ValueError("the builtin dataset has no class labels; use data.source=folder or shards")
+        root = builtin_dataset(cfg) / split
+        return _ShardSource(str(root), labels)  # a folder stands for its .tar files
+    if cfg.source not in ("folder", "shards"):
+        raise ValueError(f"data.source must be builtin, folder or shards, got {cfg.source!r}")
+    path = getattr(cfg, split)
+    if not path:
+        raise ValueError(f"data.{split} must be set for data.source={cfg.source}")
+    if cfg.source == "shards":
+        return _ShardSource(path, labels)
+    classes = None
+    if labels and split == "val" and cfg.train:
+        classes = folder_classes(Path(cfg.train).expanduser())  # indices as in training
+    return _FolderSource(path, labels, classes)
+
+
+def build_dataset(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
+                  labels: bool = False, epoch: int = 0) -> ImageStream:
+    """The ``ImageStream`` of one rank; ``build_dataloader`` wraps it in a DataLoader."""
+    return ImageStream(
+        _source(cfg, split, labels), train=split == "train", image_size=cfg.image_size,
+        batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+        num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, labels=labels,
+        random_flip=cfg.random_flip, epoch_length=cfg.epoch_length,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+
+
+def build_dataloader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
+                     labels: bool = False, epoch: int = 0) -> DataLoader:
+    """Per-rank loader of dict batches (see the module docstring). ``dl.dataset`` is the
+    ``ImageStream`` (``num_classes``, ``steps_per_epoch``, ``set_epoch``)."""
+    ds = build_dataset(cfg, split, rank=rank, world_size=world_size, labels=labels, epoch=epoch)
+    # Its own generator: creating an iterator draws a base seed (unused: workers seed themselves),
+    # which would otherwise shift the global torch RNG (dropout, ...) of a resumed run by one draw.
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+
+
+def train_batches(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, labels: bool = False,
+                  start_step: int = 0) -> Iterator[dict]:
+    """Endless training batches from step ``start_step`` on: epoch after epoch, the same
+    batches a run started at step 0 would see at those steps."""
+    dl = build_dataloader(cfg, "train", rank=rank, world_size=world_size, labels=labels)
+    spe = dl.dataset.steps_per_epoch
+    epoch, skip = divmod(start_step, spe)
+    while True:
+        dl.dataset.set_epoch(epoch)
+        yield from itertools.islice(dl, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+def num_classes(cfg: DataConfig) -> Optional[int]:
+    """Classes of the training data (manifest ``classes``, or class sub-folders), else None."""
+    if cfg.source == "builtin":
+        return None
+    return build_dataset(cfg, "train", labels=False).num_classes

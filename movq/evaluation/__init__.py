@@ -1,0 +1,1 @@
+"""Evaluation: LPIPS, the FID Inception network, FID statistics, tokenizer metrics and pictures."""

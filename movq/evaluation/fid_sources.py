@@ -1,0 +1,335 @@
+"""Reading the inputs of FID: image folders, webdataset shards, ``.npz`` images, ``.npz`` statistics.
+
+:func:`open_source` turns a command-line spec into an :class:`ImageSource` or, for a statistics
+file, an :class:`FIDStats`: an image folder (recursive), webdataset shards (local ``.tar`` paths,
+brace or glob patterns; one ``jpg/jpeg/png/webp`` member per sample, as in the webdataset format,
+github.com/webdataset/webdataset), an ``.npz`` of uint8 NHWC images under ``arr_0`` (as DiT's
+``sample_ddp.py`` writes for the ADM evaluation suite), or an ``.npz`` of ``mu`` / ``sigma`` (the
+pytorch-fid statistics layout). Non-RGB images are converted and counted; unreadable ones are
+skipped and counted in a :class:`SourceReport`; sizes may differ (Inception resizes each image to
+299²). A problem with the source itself is a :class:`FIDError` with a one-line message.
+
+:class:`FIDStats` and :class:`FIDError` live here, below :mod:`movq.fid`, because a statistics file
+is itself a source; :mod:`movq.fid` re-exports every name.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class FIDError(ValueError):
+    """A source, statistics file or setting that FID cannot use; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------
+# Statistics files
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FIDStats:
+    """Mean [D] and covariance [D, D] of features, float64. ``num_images`` 0 means unknown."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int = 0
+
+    @classmethod
+    def from_arrays(cls, mu, sigma, num_images: int = 0, name: str = "statistics") -> FIDStats:
+        mu, sigma = np.asarray(mu), np.asarray(sigma)
+        if mu.ndim != 1:
+            raise FIDError(f"{name}: 'mu' has shape {mu.shape}, expected a vector [D]")
+        d = mu.shape[0]
+        if sigma.shape != (d, d):
+            raise FIDError(f"{name}: 'sigma' has shape {sigma.shape}, expected ({d}, {d}) to match 'mu'")
+        if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+            raise FIDError(f"{name}: 'mu'/'sigma' have dtypes {mu.dtype}/{sigma.dtype}, expected floats")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise FIDError(f"{name}: 'mu' or 'sigma' contains NaN or inf")
+        return cls(mu.astype(np.float64), sigma.astype(np.float64), int(num_images))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> FIDStats:
+        """Read an ``.npz`` with ``mu`` and ``sigma`` (and optionally ``num_images``)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                keys = set(f.files)
+                if not {"mu", "sigma"} <= keys:
+                    raise FIDError(f"{path}: keys {sorted(keys)}; FID statistics need 'mu' and 'sigma'")
+                n = int(f["num_images"]) if "num_images" in keys else 0
+                return cls.from_arrays(f["mu"], f["sigma"], n, name=str(path))
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            if isinstance(e, FIDError):
+                raise
+            raise FIDError(f"{path}: not a readable .npz of statistics ({e})") from None
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write ``mu``, ``sigma``, ``num_images`` atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# Image sources
+# --------------------------------------------------------------------------------------
+@dataclass
+class SourceReport:
+    """What a source yielded: images used, skipped (unreadable), converted (by mode), sizes."""
+
+    source: str
+    kind: str
+    images: int = 0
+    skipped: int = 0
+    converted: Counter = field(default_factory=Counter)
+    sizes: Counter = field(default_factory=Counter)
+
+    def merge(self, other: SourceReport) -> None:
+        self.images += other.images
+        self.skipped += other.skipped
+        self.converted.update(other.converted)
+        self.sizes.update(other.sizes)
+
+    def as_dict(self, max_sizes: int = 20) -> dict:
+        sizes = dict(self.sizes.most_common(max_sizes))
+        if len(self.sizes) > max_sizes:  # e.g. ImageNet: thousands of sizes, keep the JSON readable
+            sizes["other"] = sum(self.sizes.values()) - sum(sizes.values())
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "images": self.images,
+            "skipped": self.skipped,
+            "converted": dict(self.converted),
+            "sizes": sizes,
+        }
+
+
+def pil_to_rgb(img: Image.Image, report: Optional[SourceReport] = None) -> np.ndarray:
+    """PIL image of any mode -> uint8 [H, W, 3]; a conversion is counted under its source mode."""
+    mode = img.mode
+    if mode != "RGB":
+        if report is not None:
+            report.converted[mode] += 1
+        if mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits, not a clip at 255
+            gray = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        img = img.convert("RGB")  # alpha is dropped, palettes and L/CMYK mapped, as PIL does
+    return np.asarray(img, dtype=np.uint8)
+
+
+def array_to_rgb(arr: np.ndarray, report: Optional[SourceReport] = None) -> np.ndarray:
+    """uint8 [H, W], [H, W, 1|3|4] -> [H, W, 3] (gray repeated, alpha dropped; counted)."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    c = arr.shape[2]
+    if c == 3:
+        return arr
+    if report is not None:
+        report.converted[{1: "L", 4: "RGBA"}[c]] += 1
+    return np.repeat(arr, 3, axis=2) if c == 1 else arr[:, :, :3]
+
+
+class ImageSource:
+    """Images of a folder, webdataset shards or an ``.npz`` (``arr_0``); see :func:`open_source`.
+
+    ``iterate(report, rank, world)`` yields uint8 [H, W, 3] arrays for the global positions ``i``
+    with ``i % world == rank`` (and ``i < max_images``), so ranks see disjoint slices; others are
+    skipped without decoding. Positions count entries (files, npz rows, image members), so an
+    unreadable entry within the first ``max_images`` is skipped, not replaced. Every image yielded
+    is counted in ``report`` (``images``, ``sizes``), as skips and conversions are.
+    """
+
+    def __init__(self, spec: str, kind: str, paths: list[Path], total: Optional[int] = None):
+        if kind not in ("folder", "shards", "npz"):
+            raise ValueError(f"kind must be 'folder', 'shards' or 'npz', got {kind!r}")
+        self.spec, self.kind, self.paths, self.total = spec, kind, paths, total
+
+    def new_report(self) -> SourceReport:
+        return SourceReport(self.spec, self.kind)
+
+    def expected(self, max_images: Optional[int] = None) -> Optional[int]:
+        """Entries ``iterate`` visits over all ranks, for progress bars; None when unknown (shards)."""
+        return self.total if max_images is None or self.total is None else min(self.total, max_images)
+
+    def iterate(
+        self, report: SourceReport, rank: int = 0, world: int = 1, max_images: Optional[int] = None
+    ) -> Iterator[np.ndarray]:
+        limit = max_images if max_images is not None else float("inf")
+        read = {"folder": self._folder, "npz": self._npz, "shards": self._shards}[self.kind]
+        # closing(): a consumer that stops early closes the reader's open zip / tar file at once
+        with contextlib.closing(read(report, rank, world, limit)) as images:
+            for img in images:
+                report.images += 1
+                report.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+                yield img
+
+    def _folder(self, report, rank, world, limit):
+        for i in range(rank, min(len(self.paths), limit), world):
+            path = self.paths[i]
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    yield pil_to_rgb(img, report)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                report.skipped += 1
+                logger.warning("FID: skipped unreadable image %s (%s)", path, e)
+
+    def _npz(self, report, rank, world, limit):
+        path = self.paths[0]
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            shape, dtype = _npy_header(f, path)
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            n = min(shape[0], limit)
+            chunk = max(1, (64 << 20) // max(row, 1))  # read ~64 MB at a time
+            for start in range(0, n, chunk):
+                k = min(chunk, n - start)
+                block = np.frombuffer(f.read(k * row), dtype=dtype)
+                if block.size * dtype.itemsize != k * row:
+                    raise FIDError(f"{path}: arr_0 is truncated at image {start} of {shape[0]}")
+                block = block.reshape(k, *shape[1:])
+                for j in range(k):
+                    if (start + j) % world == rank:
+                        yield array_to_rgb(block[j], report)
+
+    def _shards(self, report, rank, world, limit):
+        # With at least one shard per rank (and no cap to count against), ranks split whole
+        # shards and each byte is read once; otherwise every rank walks every shard and decodes
+        # its own positions.
+        by_shard = len(self.paths) >= world and limit == float("inf")
+        shards = self.paths[rank::world] if by_shard else self.paths
+        if by_shard:
+            rank, world = 0, 1
+        i = 0
+        for shard in shards:
+            seen: set[str] = set()
+            try:
+                with tarfile.open(shard, mode="r|*") as tar:
+                    for member in tar:
+                        if i >= limit:
+                            return
+                        base = member.name.rsplit("/", 1)[-1]
+                        key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
+                        ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
+                        if not member.isfile() or ext not in SHARD_IMAGE_EXTS or key in seen:
+                            continue
+                        seen.add(key)  # one image per webdataset sample
+                        mine = i % world == rank
+                        i += 1
+                        if not mine:
+                            continue
+                        try:
+                            with Image.open(tar.extractfile(member)) as img:
+                                img.load()
+                                yield pil_to_rgb(img, report)
+                        except (OSError, ValueError, Image.DecompressionBombError) as e:
+                            report.skipped += 1
+                            logger.warning("FID: skipped unreadable %s in %s (%s)", member.name, shard, e)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                report.skipped += 1
+                logger.warning("FID: shard %s is truncated or corrupt after %d images (%s); rest skipped", shard, i, e)
+
+
+def _npy_header(f, path) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise FIDError(f"{path}: arr_0 uses .npy format {version}, expected 1.0 or 2.0")
+    if dtype != np.uint8:
+        raise FIDError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images [N, H, W, 3] in 0..255")
+    if fortran or not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3, 4))):
+        raise FIDError(f"{path}: arr_0 has shape {shape}, expected uint8 NHWC images [N, H, W, 3] (C-ordered)")
+    return shape, dtype
+
+
+def _expand_shards(spec: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for part in braceexpand(spec):
+        out.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    return out
+
+
+def open_source(spec: Union[str, Path]) -> Union[ImageSource, FIDStats]:
+    """Interpret a command-line source; raises FIDError when it cannot be used."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
+        raise FIDError(f"{spec}: only local files are read (no network at run time)")
+    if path.is_dir():
+        if (path / ".sample_spec.json").is_file():  # tools/sample.py's output: its samples, not grid/steps/edit
+            files = sorted(p for p in path.glob("*.png") if re.fullmatch(r"\d{6}\.png", p.name))
+            if not files:
+                raise FIDError(f"{spec}: a tools/sample.py folder without samples (NNNNNN.png)")
+            return ImageSource(spec, "folder", files, total=len(files))
+        files = sorted(
+            Path(root) / name
+            for root, _, names in os.walk(path, followlinks=True)
+            for name in names
+            if name.lower().endswith(IMAGE_EXTS)
+        )
+        if not files:
+            raise FIDError(
+                f"{spec}: no images ({'/'.join(IMAGE_EXTS)}) found in this folder or below; "
+                "for webdataset shards pass the .tar paths or a pattern like dir/shard-{000000..000009}.tar"
+            )
+        return ImageSource(spec, "folder", files, total=len(files))
+    if spec.endswith(".npz"):
+        if not path.is_file():
+            raise FIDError(f"{spec}: no such file")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = {n[:-4] if n.endswith(".npy") else n for n in zf.namelist()}
+                shape = None
+                if "arr_0" in names and not {"mu", "sigma"} & names:
+                    with zf.open("arr_0.npy") as f:
+                        shape, _ = _npy_header(f, spec)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            if isinstance(e, FIDError):
+                raise
+            raise FIDError(f"{spec}: not a readable .npz ({e})") from None
+        if {"mu", "sigma"} & names:
+            return FIDStats.load(path)  # says which of the two is missing, if one is
+        if shape is None:
+            raise FIDError(
+                f"{spec}: keys {sorted(names)}; expected 'arr_0' (uint8 NHWC images) or 'mu' and 'sigma' (statistics)"
+            )
+        if shape[0] == 0:
+            raise FIDError(f"{spec}: arr_0 holds no images")
+        return ImageSource(spec, "npz", [path], total=shape[0])
+    shards = _expand_shards(spec)
+    if any(s.endswith((".tar", ".tar.gz", ".tgz")) for s in shards):
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing or not shards:
+            raise FIDError(f"{spec}: shard {missing[0] if missing else spec} not found ({len(missing)} missing)")
+        return ImageSource(spec, "shards", [Path(s) for s in shards])
+    if not path.exists():
+        raise FIDError(f"{spec}: no such file or folder")
+    raise FIDError(f"{spec}: not an image folder, webdataset .tar shard(s), or .npz")

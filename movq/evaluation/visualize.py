@@ -1,0 +1,55 @@
+"""PNG outputs of the trainers: image grids and a codebook-usage chart, drawn with Pillow only."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3]."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(rows: Sequence[torch.Tensor], path: Union[str, os.PathLike], pad: int = 2) -> None:
+    """Each row is a [B, 3, H, W] batch in [-1, 1]; rows are stacked top to bottom (e.g. originals
+    above reconstructions). Written through a temp file + rename."""
+    arrays = [to_uint8(r) for r in rows]
+    n = max(a.shape[0] for a in arrays)
+    H, W = arrays[0].shape[1:3]
+    grid = np.full((len(arrays) * (H + pad) + pad, n * (W + pad) + pad, 3), 255, np.uint8)
+    for r, a in enumerate(arrays):
+        for c in range(a.shape[0]):
+            y, x = pad + r * (H + pad), pad + c * (W + pad)
+            grid[y : y + H, x : x + W] = a[c, :H, :W]
+    _save_png(Image.fromarray(grid), path)
+
+
+def save_usage_chart(counts: torch.Tensor, path: Union[str, os.PathLike], height: int = 200) -> None:
+    """Bar chart of code counts sorted high → low (one column per code, log scale); the share of
+    codes never used is the flat tail on the right."""
+    c = counts.detach().double().cpu().sort(descending=True).values
+    K = c.numel()
+    width = max(K, 64)
+    img = Image.new("RGB", (width, height + 20), "white")
+    draw = ImageDraw.Draw(img)
+    top = float(torch.log1p(c[0])) if K and c[0] > 0 else 1.0
+    for k in range(K):
+        h = int(height * float(torch.log1p(c[k])) / top) if top > 0 else 0
+        x = int(k * width / K)
+        draw.line([(x, height), (x, height - h)], fill=(40, 90, 200))
+    used = int((c > 0).sum())
+    draw.text((4, height + 4), f"codes used: {used}/{K} ({100.0 * used / max(K, 1):.1f}%)", fill="black")
+    _save_png(img, path)
+
+
+def _save_png(img: Image.Image, path: Union[str, os.PathLike]) -> None:
+    path = str(path)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Other codebases' checkpoints in (diffusers, MoVQGAN, taming), read without running pickled code."""

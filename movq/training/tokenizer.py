@@ -1,0 +1,234 @@
+"""The tokenizer's trainer (VQGAN schedule of Esser et al. 2021 on Accelerate).
+
+One optimizer step is ``train.grad_accum`` micro-batches of: a generator pass (reconstruction,
+LPIPS, quantizer and, from ``disc_start`` on, the adaptive-weighted GAN term) and a discriminator
+pass (hinge loss on real and reconstructed images). The loop owns both optimizers and the GAN
+schedule; the model and the loss are separate modules (``movq.autoencoder``, ``movq.losses``). The
+loop itself (logging, evaluation, checkpoints, resume, stopping) is :class:`movq.train_loop.TrainLoop`,
+shared with the prior; this file fills in its hooks.
+
+Guarantees (issue 3): every rank reads its own data; only rank 0 writes; checkpoints are atomic and
+a resume is bit-exact on CPU (the data stream is a pure function of seed and position, RNG states are
+restored); a non-finite loss or gradient skips the step; SIGINT / SIGTERM save and exit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from movq.config import TokenizerConfig
+from movq.data.stream import build_dataloader, build_dataset, train_batches
+from movq.evaluation.metrics import TokenizerMetrics
+from movq.evaluation.visualize import save_grid, save_usage_chart
+from movq.models.autoencoder import MoVQ
+from movq.models.discriminator import PatchDiscriminator
+from movq.training.checkpoints import eval_mode, save_state_dict, warmup_lambda
+from movq.training.loop import TrainLoop
+from movq.training.losses import TokenizerLoss
+
+log = logging.getLogger(__name__)
+
+GRID_IMAGES = 8  # columns of the reconstruction grid
+
+
+class TokenizerTrainer(TrainLoop):
+    """Builds everything from a ``TokenizerConfig``; ``fit()`` (:class:`movq.train_loop.TrainLoop`)
+    trains to ``train.max_steps``."""
+
+    unit = "images"
+    fid_key = "val/rfid"
+
+    def __init__(self, cfg: TokenizerConfig, accelerator: Optional[Accelerator] = None):
+        # Both splits now, not at the first evaluation: a missing or empty data.val / data.train is an
+        # error before anything trains (every run evaluates, at least at its last step).
+        for split in ("train", "val"):
+            build_dataset(cfg.data, split)
+        self._setup(cfg, accelerator)
+        acc, t = self.acc, cfg.train
+        set_seed(t.seed)  # identical initial weights on every rank
+        model = MoVQ(cfg)
+        disc = PatchDiscriminator(cfg.discriminator)
+        self.loss_fn = TokenizerLoss(cfg.loss).to(acc.device)
+        self.ema = self._make_ema(model)
+
+        params_g = [p for p in model.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(params_g, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_lambda(t.warmup_steps))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_lambda(t.warmup_steps))
+        (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = acc.prepare(
+            model, disc, opt_g, opt_d, sched_g, sched_d
+        )
+        self._setup_loop()
+        self.skipped: dict[str, int] = {}  # data skipped on this rank, by reason
+        self._setup_outputs()  # rFID against the held-out originals when train.fid_every > 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _write_weights(self, folder: Path) -> None:
+        self.acc.unwrap_model(self.model).save_pretrained(folder / "model")
+        if self.ema is not None:
+            self.ema.model.save_pretrained(folder / "ema")
+        save_state_dict(self.acc.unwrap_model(self.disc), folder / "discriminator.safetensors")
+
+    def _state_extra(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def _load_state_extra(self, state: dict) -> None:
+        self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items()}
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _batches(self, start_step: int) -> Iterator[dict]:
+        acc = self.acc
+        return train_batches(self.cfg.data, rank=acc.process_index, world_size=acc.num_processes, start_step=start_step)
+
+    def _batch_size(self, batch: dict) -> int:
+        return batch["image"].shape[0]
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        self.disc.train()
+
+    def _train_batch(self, batch: dict) -> dict:
+        for reason, n in batch.get("skipped", {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+        return self._micro_step(batch["image"].to(self.acc.device, non_blocking=True))
+
+    def _micro_step(self, x: torch.Tensor) -> dict:
+        """Generator and discriminator passes on images ``x [B, 3, H, W]`` (tools/bench_train.py times this)."""
+        acc, step = self.acc, self.step
+        model = self.model
+        gan = self.loss_fn.gan_active(step)
+        last_layer = acc.unwrap_model(model).get_last_layer()
+        with acc.accumulate(model, self.disc):
+            with acc.autocast():
+                x_rec, enc = model(x)
+            logits_fake = None
+            if gan:
+                # The generator's GAN term goes through the bare discriminator with frozen weights:
+                # no gradient lands on D, and D's DDP reducer is not involved in this backward.
+                disc = acc.unwrap_model(self.disc).requires_grad_(False)
+                with acc.autocast():
+                    logits_fake = disc(x_rec)
+                disc.requires_grad_(True)
+            g_loss, logs = self.loss_fn.generator_loss(x, x_rec, enc.quant.loss, step, logits_fake, last_layer)
+            acc.backward(g_loss)
+            logs.update(perplexity=enc.quant.perplexity, usage=enc.quant.usage,
+                        codebook_loss=enc.quant.codebook_loss, commitment_loss=enc.quant.commitment_loss)
+            if gan:
+                # Real and fake in separate calls, as taming: BatchNorm normalises each batch by its own
+                # statistics, as in the generator's pass above (fakes only).
+                with acc.autocast():
+                    real = self.disc(x)
+                    fake = self.disc(x_rec.detach())
+                d_loss, d_logs = self.loss_fn.discriminator_loss(real, fake, step)
+                acc.backward(d_loss)
+                logs.update(d_logs)
+                logs["d_total"] = d_loss.detach()
+        return logs
+
+    def _optimizer_step(self, logs: dict) -> bool:
+        """Clip, check finiteness, step both optimizers; False (and no update) if non-finite."""
+        acc, t = self.acc, self.cfg.train
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        gan = "d_total" in logs
+        norm_g = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm_d = acc.clip_grad_norm_(self.disc.parameters(), max_norm) if gan else None
+        ok = self._step_ok(logs["loss"], norm_g, logs.get("d_total"), norm_d)
+        if ok:
+            self.opt_g.step()
+            self.sched_g.step()
+            if gan:
+                self.opt_d.step()
+                self.sched_d.step()
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.model))
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=True)
+        logs["grad_norm"] = norm_g
+        if norm_d is not None:
+            logs["d_grad_norm"] = norm_d
+        return ok
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_model(self) -> MoVQ:
+        return self.ema.model if self.ema is not None else self.acc.unwrap_model(self.model)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """PSNR / SSIM / LPIPS / usage / perplexity of the EMA (or live) model on the held-out split."""
+        acc, model = self.acc, self._eval_model()
+        with eval_mode(model):
+            metrics = TokenizerMetrics(self.cfg.quantizer.codebook_size, lpips=self.loss_fn.lpips, device=acc.device)
+            loader = build_dataloader(self.cfg.data, "val", rank=acc.process_index, world_size=acc.num_processes)
+            first = None
+            for batch in loader:
+                x = batch["image"].to(acc.device)
+                with acc.autocast():
+                    x_rec, enc = model(x)
+                x_rec = x_rec.float().clamp(-1, 1)
+                metrics.update(x, x_rec, enc.indices)
+                if first is None:
+                    first = (x[:GRID_IMAGES].cpu(), x_rec[:GRID_IMAGES].cpu())
+            metrics.all_reduce_()
+            results = metrics.compute()
+            if acc.is_main_process:
+                if first is not None:
+                    save_grid(first, self.run.images / f"recon_{self.step:07d}.png")
+                save_usage_chart(metrics.state["code_counts"], self.run.images / f"usage_{self.step:07d}.png")
+        return {f"val/{k}": v for k, v in results.items() if v is not None}
+
+    @torch.no_grad()
+    def compute_fid(self) -> Optional[float]:
+        """rFID of the EMA (or live) model on the first ``train.fid_num_images`` held-out images
+        (split over ranks), or None when the Inception weights are absent (logged once)."""
+        if self.fid is None or self.fid.extractor() is None:
+            return None
+        acc, model = self.acc, self._eval_model()
+        limit = max(1, self.cfg.train.fid_num_images // acc.num_processes)
+
+        def originals():
+            seen = 0
+            for batch in build_dataloader(self.cfg.data, "val", rank=acc.process_index, world_size=acc.num_processes):
+                x = batch["image"][: limit - seen].to(acc.device)
+                seen += x.shape[0]
+                yield x
+                if seen >= limit:
+                    break
+
+        def reconstructions():
+            for x in originals():
+                with acc.autocast():
+                    x_rec = model(x)[0]
+                yield x_rec.float().clamp(-1, 1)
+
+        with eval_mode(model):
+            self.fid.ensure_reference(originals())  # computed once, then read from the cache file
+            return self.fid.compute(reconstructions())
+
+    # ------------------------------------------------------------------ logs and summary
+    def _lr(self) -> float:
+        return self.sched_g.get_last_lr()[0]
+
+    def _skipped_all_ranks(self) -> dict:
+        """Skip counts summed over ranks (reasons may differ between ranks)."""
+        total: dict[str, int] = {}
+        for part in gather_object([self.skipped]):
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def _train_log_extra(self) -> dict:
+        return {f"data_skipped/{k}": v for k, v in self._skipped_all_ranks().items()}
+
+    def _progress_postfix(self, out: dict) -> dict:
+        return {"loss": f"{out.get('loss', math.nan):.4f}", "img_s": f"{out['images_per_s']:.1f}"}
+
+    def _summary_extra(self) -> dict:
+        return {"data_skipped": self._skipped_all_ranks()}
