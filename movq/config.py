@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from movq.utils import atomic_write
 
 
 class ConfigError(ValueError):
@@ -157,8 +158,17 @@ class TrainConfig:
 
 
 @dataclass
+class MoVQConfig:
+    """The tokenizer's architecture alone: what a model folder's ``config.json`` stores."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+
+@dataclass
 class TokenizerConfig:
-    """Everything a tokenizer run needs, grouped by component as in taming."""
+    """Everything a tokenizer run needs, grouped by component as in taming (``model`` and ``quantizer``
+    make the :class:`MoVQConfig`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -464,45 +474,7 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def output_problem(path: Union[str, os.PathLike], folder: bool = False) -> Optional[str]:
-    """Why ``path`` (a file, or a ``folder``) cannot be written, or None: checked before long work, so that
-    an unwritable output is an error at the start rather than after the results were computed."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        return f"{path} is {'a file' if folder else 'a folder'}"
-    where = path if folder else path.parent
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"cannot create {where} ({e.strerror or type(e).__name__})"
-    try:  # really try: permissions alone say nothing for root or special file systems
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as e:
-        return f"cannot write in {where} ({e.strerror or type(e).__name__})"
-    return None
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename, so a crash never leaves half a file.
-    The file gets the permissions a plain ``open(path, "w")`` gives a new file (0o666 less the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A new file under a random name, as tempfile.mkstemp makes, but created with mode 0o666 so
-    # that the kernel applies the umask (mkstemp's files are 0o600, whatever the umask).
-    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def save_config(cfg: Any, path: Union[str, os.PathLike]) -> None:
     """Write the resolved config as YAML (atomically)."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,18 @@ def output_problem(path: PathLike, folder: bool = False) -> Optional[str]:
     return None
 
 
+# A finished checkpoint folder of a run: checkpoints/NNNNNNN (the step); partial ones are named otherwise.
+CKPT_PATTERN = re.compile(r"^\d{7}$")
+
+
+def list_checkpoints(directory: PathLike) -> list[Path]:
+    """The finished checkpoint folders ``NNNNNNN`` under ``directory``, oldest first ([] if none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and CKPT_PATTERN.match(p.name))
+
+
 # --------------------------------------------------------------------------------------
 # State dicts
 # --------------------------------------------------------------------------------------
@@ -118,6 +131,13 @@ def read_state_dict(path: PathLike, device: str = "cpu") -> dict[str, torch.Tens
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
     return state
+
+
+def load_weights(module: torch.nn.Module, path: PathLike) -> None:
+    """Load a state dict file into ``module`` strictly; a mismatch is a ``ValueError`` naming the file."""
+    missing, unexpected = module.load_state_dict(read_state_dict(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 # --------------------------------------------------------------------------------------

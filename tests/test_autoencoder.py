@@ -1,8 +1,12 @@
+import json
+
 import pytest
 import torch
+import yaml
 
-from movq.config import TokenizerConfig, load_config
+from movq.config import MaskGITConfig, TokenizerConfig, load_config, save_config
 from movq.models.autoencoder import MoVQ
+from movq.models.maskgit import MaskGIT
 
 
 def tiny(**over) -> TokenizerConfig:
@@ -74,8 +78,13 @@ def test_save_and_load_bit_identical(tmp_path):
     model(x)  # moves EMA buffers and usage counters away from their initial values
     model.eval()
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "model.safetensors"]
-    loaded = MoVQ.from_pretrained(tmp_path / "ckpt").eval()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    # the architecture only: no training section can break loading the model later
+    assert record["format_version"] == 1 and record["class"] == "MoVQ"
+    assert sorted(record["config"]) == ["model", "quantizer"]
+    loaded = MoVQ.from_pretrained(tmp_path / "ckpt")
+    assert not loaded.training
     with torch.no_grad():
         a, ea = model(x)
         b, eb = loaded(x)
@@ -92,8 +101,45 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(ValueError, match="wrong shapes.*codebook"):
         MoVQ.from_pretrained(tmp_path / "b")
     (tmp_path / "b" / "model.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="could not read weights"):
         MoVQ.from_pretrained(tmp_path / "b")
+
+
+def test_folders_of_the_previous_format_still_load(tmp_path):
+    """Before format 1 a model folder held the whole training config as config.yaml."""
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = MoVQ(cfg).eval()
+    model.save_pretrained(tmp_path / "new")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new" / "model.safetensors").replace(tmp_path / "old" / "model.safetensors")
+    save_config(cfg, tmp_path / "old" / "config.yaml")  # with data / train / loss sections
+    assert "train" in yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    loaded = MoVQ.from_pretrained(tmp_path / "old")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+def test_a_newer_format_or_another_model_is_refused(tmp_path):
+    MoVQ(tiny()).save_pretrained(tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**record, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        MoVQ.from_pretrained(tmp_path / "m")
+    MaskGIT(MaskGITConfig(codebook_size=16, channels=2, grid=2, num_classes=0, width=16, depth=1, heads=2)
+            ).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match="holds a MaskGIT prior, not a MoVQ"):
+        MoVQ.from_pretrained(tmp_path / "p")
+
+
+def test_weights_with_nan_are_refused(tmp_path):
+    model = MoVQ(tiny())
+    with torch.no_grad():
+        model.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="NaN or inf in .*decoder.conv_out.weight"):
+        MoVQ.from_pretrained(tmp_path / "m")
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -58,7 +58,7 @@ def test_shipped_configs_load(name):
 
 
 def test_output_problem(tmp_path):
-    from movq.config import output_problem
+    from movq.utils import output_problem
 
     (tmp_path / "f").write_text("x")
     assert output_problem(tmp_path / "new" / "deeper" / "out.json") is None  # folders are made

@@ -17,17 +17,12 @@ import torch
 from PIL import Image
 
 from movq.cli import make_shards
-from movq.config import DataConfig, atomic_write_text
+from movq.config import DataConfig
 from movq.data.builtin import BUILTIN_TRAIN_PHOTOS, BUILTIN_VAL_PHOTOS, builtin_dataset
+from movq.data.decode import SkipSample, decode_image
 from movq.data.shards import ShardWriter, iter_tar, read_manifest, write_manifest
-from movq.data.stream import (
-    SkipSample,
-    build_dataloader,
-    build_dataset,
-    decode_image,
-    num_classes,
-    train_batches,
-)
+from movq.data.stream import build_dataloader, build_dataset, train_batches
+from movq.utils import atomic_write
 
 
 def _rgb(seed, h=40, w=48):
@@ -88,7 +83,7 @@ def test_make_shards_round_trip(tmp_path):
     cfg = DataConfig(source="shards", train=str(out / "shard-{000000..000001}.tar"),
                      val=str(out / "shard-{000000..000001}.tar"), image_size=32, batch_size=4,
                      num_workers=0)
-    assert num_classes(cfg) == 2
+    assert build_dataset(cfg, "train").num_classes == 2
     batches = _batches(cfg, "val", labels=True)
     seen = 0
     for b in batches:
@@ -115,7 +110,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     """Atomic writes (configs, manifests) get the permissions of a plain open(), not 0o600."""
     old = os.umask(umask)
     try:
-        atomic_write_text(tmp_path / "sub" / "a.txt", "text")
+        atomic_write(tmp_path / "sub" / "a.txt", "text")
         write_manifest(tmp_path, [{"name": "shard-000000.tar", "count": 1, "sha256": "0" * 64}])
     finally:
         os.umask(old)
@@ -144,7 +139,7 @@ def test_shards_in_several_folders(tmp_path):
     cfg = DataConfig(source="shards", train=f"{a}::{b}", val=f"{b}::{a}", image_size=32, batch_size=1,
                      num_workers=0)
     assert build_dataset(cfg, "train").steps_per_epoch == 6
-    assert num_classes(cfg) == 2
+    assert build_dataset(cfg, "train").num_classes == 2
     val = _batches(cfg, "val", labels=True)
     assert sorted(int(v) for x in val for v in x["label"]) == [0, 0, 0, 1, 1, 1]
     # a folder without a manifest: no count, the other folder's classes

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from movq.cli import fid as cli
+from movq.data.decode import images_to_uint8
 from movq.evaluation import fid
 from movq.evaluation.fid import FeatureAccumulator, FIDTracker, frechet_distance
 from movq.evaluation.fid_sources import FIDError, FIDStats, open_source
@@ -96,7 +97,7 @@ def test_torchmetrics_and_scipy_agree():
         frechet_distance(a, _stats_from_samples(y[:, :8]))
 
 
-def test_accumulator_matches_numpy_and_merges():
+def test_accumulator_matches_numpy_in_parts():
     x = np.random.default_rng(0).normal(loc=2.0, size=(50, 8))
     whole = FeatureAccumulator(8)
     whole.update(torch.from_numpy(x))
@@ -104,10 +105,10 @@ def test_accumulator_matches_numpy_and_merges():
     np.testing.assert_allclose(s.mu, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(s.sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
     assert s.num_images == 50
-    parts = [FeatureAccumulator(8), FeatureAccumulator(8)]
-    parts[0].update(torch.from_numpy(x[:17]))
-    parts[1].update(torch.from_numpy(x[17:]))
-    merged = parts[0].merge(parts[1]).all_reduce_().stats()  # all_reduce_: no-op without a group
+    parts = FeatureAccumulator(8)
+    parts.update(torch.from_numpy(x[:17]))
+    parts.update(torch.from_numpy(x[17:]))
+    merged = parts.all_reduce_().stats()  # all_reduce_: no-op without a group
     np.testing.assert_allclose(merged.sigma, s.sigma, rtol=1e-12)
     one = FeatureAccumulator(8)
     one.update(torch.from_numpy(x[:1]))
@@ -397,8 +398,8 @@ def test_tracker_without_weights_logs_once(tmp_path, monkeypatch, caplog):
 
 def test_tracker_input_forms():
     fake = torch.rand(2, 3, 5, 6) * 2 - 1
-    u8 = fid.to_uint8(fake)  # [2, 3, 5, 6]
-    assert u8.dtype == torch.uint8 and fid.to_uint8(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+    u8 = images_to_uint8(fake).permute(0, 3, 1, 2)  # [2, 3, 5, 6]
+    assert u8.dtype == torch.uint8 and images_to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)).tolist() == [[[[0, 128, 255]]]]
     nhwc = u8.permute(0, 2, 3, 1)
     for form in (fake, nhwc, nhwc.numpy(), torch.cat([nhwc, nhwc[..., :1]], dim=3)):  # float, uint8 (+alpha)
         assert torch.equal(fid._as_nchw_uint8(form), u8)

@@ -82,7 +82,7 @@ def test_rejects_wrong_files(tmp_path, damage, standin_state):
         match = r"fc.weight has shape \(1000, 2048\), expected \(1008, 2048\)"
     else:
         state = [torch.zeros(1)]
-        match = "not a flat state dict"
+        match = "does not hold a state dict of tensors"
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(InceptionWeightsError, match=match):
@@ -99,7 +99,7 @@ def test_checksum_is_checked(standin):
 
 def test_weights_are_found_by_env_and_cache_dir(tmp_path, monkeypatch):
     monkeypatch.delenv(inc.ENV_WEIGHTS, raising=False)
-    monkeypatch.setenv(inc.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(inc.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(InceptionWeightsError) as err:
         inc.resolve_weights_path()

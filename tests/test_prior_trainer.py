@@ -11,9 +11,10 @@ from test_tokens import tiny_tokenizer
 
 from movq.config import ConfigError, PriorConfig, load_config
 from movq.data.tokens import finish_shard, prepare_output, write_token_manifest
+from movq.generation.sampler import load_prior
 from movq.models.maskgit import MaskGIT
-from movq.training.checkpoints import NonFiniteError
-from movq.training.prior import PriorTrainer, load_prior, resolve_model_shape
+from movq.training.prior import PriorTrainer, resolve_model_shape
+from movq.training.run import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,9 +87,10 @@ def test_resume_is_bit_exact(tmp_path, data):
     ea, eb = straight.ema.model.state_dict(), resumed.ema.model.state_dict()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     # the saved EMA is a loadable prior with the run's config, tokenizer path included
-    model, cfg = load_prior(tmp_path / "a")
+    model, defaults = load_prior(tmp_path / "a")
     assert all(torch.equal(model.state_dict()[k], ea[k]) for k in ea)
-    assert cfg.data.tokenizer == str(data["tokenizer"]) and not model.training
+    assert defaults.tokenizer == str(data["tokenizer"]) and not model.training
+    assert defaults.classes == json.loads((data["tokens"] / "manifest.json").read_text())["classes"]
     live, _ = load_prior(tmp_path / "a" / "checkpoints" / "0000006", prefer="model")
     assert all(torch.equal(live.state_dict()[k], sa[k]) for k in sa)
     # pictures decoded by the tokenizer: 8² images, a row of samples and three inpainting rows
@@ -243,12 +245,13 @@ def test_two_process_cpu_tokenize_train_sample(tmp_path, data, free_port):
 
 
 def test_fid_batches_are_distinct_and_class_balanced_over_ranks():
-    from movq.training.prior import fid_sample_batches
+    from movq.generation.sampler import batch_seed, plan_batches
 
-    world, per_rank, batch, classes = 4, 10, 3, 8
-    firsts = [[first for first, _ in fid_sample_batches(per_rank, r, batch)] for r in range(world)]
-    index = [first + j for r in range(world) for first, m in fid_sample_batches(per_rank, r, batch) for j in range(m)]
-    assert sorted(index) == list(range(world * per_rank))  # every global index once
-    assert len({f for fs in firsts for f in fs}) == sum(map(len, firsts))  # distinct seeds (seed = base + first)
+    world, n, batch, classes = 4, 41, 3, 8  # n not a multiple of the global batch: nothing is dropped
+    plans = [plan_batches(n, r, world, batch) for r in range(world)]
+    index = [int(i) for plan in plans for b in plan for i in b if i < n]
+    assert sorted(index) == list(range(n))  # every global index once
+    seeds = [batch_seed(0, int(b[0])) for plan in plans for b in plan]
+    assert len(set(seeds)) == len(seeds)  # no two batches share noise
     counts = np.bincount(np.array(index) % classes, minlength=classes)
     assert counts.max() - counts.min() <= 1, counts  # not the same classes on every rank

@@ -12,8 +12,14 @@ from test_tokens import tiny_tokenizer
 
 from movq.cli import sample as sample_tool
 from movq.config import PriorConfig, load_config
+from movq.generation.sampler import (
+    SamplingDefaults,
+    load_prior,
+    plan_batches,
+    sample_labels,
+    save_sampling_defaults,
+)
 from movq.models.maskgit import MaskGIT
-from movq.training.prior import save_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +35,9 @@ def ckpt(tmp_path_factory):
         "sample": {"steps": 4, "cfg_scale": 1.5},
     })
     torch.manual_seed(0)
-    save_prior(MaskGIT(cfg.model), cfg, root / "run" / "checkpoints" / "0000010" / "ema")
+    folder = root / "run" / "checkpoints" / "0000010" / "ema"
+    MaskGIT(cfg.model).save_pretrained(folder)
+    save_sampling_defaults(folder, SamplingDefaults(cfg.sample, cfg.data.tokenizer))
     return root / "run"
 
 
@@ -83,25 +91,24 @@ def test_label_rules():
     args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o"])
     index = np.arange(4)
     assert sample_tool._label_rule(args, 3) == "cycle"
-    assert sample_tool._labels("cycle", 3, index, "cpu").tolist() == [0, 1, 2, 0]
+    assert sample_labels("cycle", 3, index, "cpu").tolist() == [0, 1, 2, 0]
     assert sample_tool._label_rule(args, 0) == "null"  # an unconditional prior
     edit = ["--edit", "x.png", "--box", "0,0,4,4"]
     args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o", *edit])
     assert sample_tool._label_rule(args, 3) == "null"  # the image's class is unknown: no made-up classes
-    assert sample_tool._labels("null", 3, index, "cpu") is None
+    assert sample_labels("null", 3, index, "cpu") is None
     args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o", *edit, "--classes", "all"])
     assert sample_tool._label_rule(args, 3) == "cycle"
     args = sample_tool.parse_args(["--checkpoint", "c", "--num-samples", "4", "--out", "o", *edit, "--class-label", "2"])
     assert sample_tool._label_rule(args, 3) == "class 2"
-    assert sample_tool._labels("class 2", 3, index, "cpu").tolist() == [2, 2, 2, 2]
+    assert sample_labels("class 2", 3, index, "cpu").tolist() == [2, 2, 2, 2]
 
 
 def test_rank_split_covers_each_index_once():
     n, b, world = 11, 3, 3
-    iterations = -(-n // (b * world))
-    seen = [i for it in range(iterations) for r in range(world) for i in sample_tool.batch_indices(it, r, b, world)]
-    assert len(seen) == len(set(seen)) == iterations * b * world  # padded to the global batch
-    assert set(range(n)) <= set(seen)
+    seen = [int(i) for r in range(world) for batch in plan_batches(n, r, world, b) for i in batch]
+    assert len(seen) == len(set(seen))  # whole batches (their noise does not depend on n), no index twice
+    assert set(range(n)) <= set(seen) and all(len(batch) == b for batch in plan_batches(n, 0, world, b))
 
 
 @pytest.mark.parametrize("outpaint", [False, True])
@@ -151,20 +158,14 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
 
 
 def test_warns_when_the_tokenizer_is_not_the_tokens_one(tmp_path, ckpt, capsys):
-    from movq.data.tokens import TOKENS_FORMAT
-    from movq.training.prior import load_prior
-
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    (tokens / "manifest.json").write_text(json.dumps({
-        "format": TOKENS_FORMAT, "channels": 2, "height": 4, "width": 4, "codebook_size": 16, "classes": [],
-        "shards": [], "tokenizer_sha256": "0" * 64}))  # tokens made by some other tokenizer
-    model, cfg = load_prior(ckpt)
-    cfg.data.tokens = str(tokens)
-    save_prior(model, cfg, tmp_path / "prior")
+    model, defaults = load_prior(ckpt)
+    defaults.tokenizer_sha256 = "0" * 64  # its tokens were made by some other tokenizer
+    model.save_pretrained(tmp_path / "prior")
+    save_sampling_defaults(tmp_path / "prior", defaults)
     assert run("--checkpoint", tmp_path / "prior", "--num-samples", 1, "--out", tmp_path / "s", "--steps", 1) == 0
     assert "learned tokens of another tokenizer" in capsys.readouterr().err
-    cfg.data.tokens = None  # nothing to compare with: no warning
-    save_prior(model, cfg, tmp_path / "prior2")
+    defaults.tokenizer_sha256 = None  # nothing to compare with: no warning
+    model.save_pretrained(tmp_path / "prior2")
+    save_sampling_defaults(tmp_path / "prior2", defaults)
     assert run("--checkpoint", tmp_path / "prior2", "--num-samples", 1, "--out", tmp_path / "s2", "--steps", 1) == 0
     assert "another tokenizer" not in capsys.readouterr().err

@@ -14,15 +14,16 @@ from PIL import Image
 from movq.cli import tokenize as tokenize_dataset
 from movq.config import TokenizerConfig, load_config
 from movq.data.builtin import BUILTIN_TRAIN_PHOTOS
+from movq.data.decode import load_image
 from movq.data.tokens import (
     TokenDataError,
     TokenDataset,
     read_token_manifest,
     read_token_shard,
-    resolve_tokenizer,
     write_token_shard,
 )
 from movq.models.autoencoder import MoVQ
+from movq.models.pretrained import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,13 +86,14 @@ def test_tokenize_folder_round_trip(tmp_path, tok, folder):
     for key, t, lab in zip(keys, tokens, labels):
         cls, name = key.split("/")
         assert lab == ["cat", "dog"].index(cls)
-        arr, _ = tokenize_dataset.load_image((folder / cls / f"{name.replace('_', '.')}.png").read_bytes(), 16)
+        arr, _ = load_image((folder / cls / f"{name.replace('_', '.')}.png").read_bytes(), 16)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             assert np.array_equal(model.encode(x).indices[0].numpy(), t)
 
     ds = TokenDataset(out)
-    assert ds.tokens.shape == (6, 2, 8, 8) and ds.tokens.dtype == torch.int64 and sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    every = ds.take(slice(None))["tokens"]
+    assert every.shape == (6, 2, 8, 8) and every.dtype == torch.int64 and sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_settings(tmp_path, tok, folder, capsys):
@@ -220,7 +222,8 @@ def test_batches_resume_and_rank_split(tmp_path):
     assert _ids(full[0]["tokens"]) != _ids(list(itertools.islice(ds.batches(4, seed=2), 1))[0]["tokens"])
 
     for world in (2, 4, 15):  # 3 shards of 5: ranks split shards, whatever their number
-        parts = [set(_ids(TokenDataset(tmp_path / "t", rank=r, world_size=world).tokens)) for r in range(world)]
+        parts = [set(_ids(TokenDataset(tmp_path / "t", rank=r, world_size=world).take(slice(None))["tokens"]))
+                 for r in range(world)]
         assert sum(map(len, parts)) == 15 and set().union(*parts) == set(range(15))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced: 8/7, not 10/5 by whole shards
     tiny = list(itertools.islice(TokenDataset(tmp_path / "t", rank=0, world_size=4).batches(8), 2))
@@ -267,11 +270,11 @@ def test_tool_errors(tmp_path, tok, folder, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "w").mkdir()
     assert run_tool("--tokenizer", tmp_path / "w", folder, tmp_path / "o") == 2
-    assert "not a tokenizer checkpoint" in capsys.readouterr().err
+    assert "is not a model folder" in capsys.readouterr().err
     (tmp_path / "only_bad").mkdir()
     (tmp_path / "only_bad" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     assert run_tool("--tokenizer", tok, tmp_path / "only_bad", tmp_path / "o") == 2  # not a folder of 0 tokens
     assert "no usable image" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-        resolve_tokenizer(tmp_path / "run")
+        resolve_model_dir(tmp_path / "run")

@@ -18,8 +18,8 @@ from PIL import Image
 
 from movq.config import TokenizerConfig, load_config
 from movq.models.autoencoder import MoVQ
-from movq.training.checkpoints import NonFiniteError
 from movq.training.losses import TokenizerLoss
+from movq.training.run import NonFiniteError
 from movq.training.tokenizer import TokenizerTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
 
 TWO_RANK_SCRIPT = """
 import json, sys, torch
-import movq.training.checkpoints.tokenizer as T
+import movq.training.tokenizer as T
 from movq.config import TokenizerConfig, load_config
 cfg = load_config(TokenizerConfig, sys.argv[1])
 seen = []
@@ -268,7 +268,7 @@ def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
 
 
 def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monkeypatch):
-    from movq.training.checkpoints import eval_mode
+    from movq.training.run import eval_mode
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     net[0].eval()  # e.g. a frozen feature network inside a training model
@@ -295,7 +295,7 @@ def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monke
 def test_weight_ema_averages_trained_parameters_and_copies_the_rest():
     from movq.config import QuantizerConfig
     from movq.models.quantizer import MultichannelQuantizer
-    from movq.training.checkpoints import EMA
+    from movq.training.ema import EMA
 
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({
@@ -361,7 +361,7 @@ def test_resume_with_another_data_layout_warns(tmp_path, cache, capsys):
 
 FAILING_EVAL_SCRIPT = """
 import sys
-import movq.training.checkpoints.tokenizer as T
+import movq.training.tokenizer as T
 from movq.config import TokenizerConfig, load_config
 def evaluate(self):
     raise RuntimeError("boom in evaluate")

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from movq.config import atomic_write_text, output_problem
+from movq.utils import atomic_write, output_problem
 
 # Reported by every benchmark, besides python, torch and torch's CUDA build.
 BASE_PACKAGES = ("triton",)
@@ -63,10 +63,10 @@ def check_out(parser, args) -> None:
 
 def write_report(report: dict, out: Union[str, Path], detail: str = "") -> Path:
     """Write ``report`` as indented JSON to ``out`` (parent folders made) and print ``wrote <out>``
-    followed by ``detail``. Atomic (``movq.config.atomic_write_text``): an interrupted or failed
+    followed by ``detail``. Atomic (``movq.config.atomic_write``): an interrupted or failed
     write leaves the previous file as it was."""
     out = Path(out)
     text = json.dumps(report, indent=1) + "\n"  # before touching the disk: a non-JSON value raises here
-    atomic_write_text(out, text)
+    atomic_write(out, text)
     print(f"wrote {out}{detail}", flush=True)
     return out

@@ -16,20 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from movq.config import atomic_write_text, output_problem
-from movq.evaluation.fid import (
-    BACKENDS,
-    FeatureAccumulator,
-    compute_source_stats,
-    frechet_distance,
-    gather_report,
-    to_uint8,
-)
+from movq.cli import setup_logging
+from movq.evaluation.fid import BACKENDS, compute_source_stats, frechet_distance
 from movq.evaluation.fid_sources import FIDError, FIDStats, ImageSource, open_source
 from movq.evaluation.inception import FIDInceptionV3, InceptionWeightsError, resolve_weights_path
+from movq.utils import atomic_write, output_problem
 
 logger = logging.getLogger("fid")
 
@@ -79,7 +72,7 @@ def _extractor(args, device) -> FIDInceptionV3:
 
 
 def _write_json(path: str, results: dict) -> None:
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    atomic_write(path, json.dumps(results, indent=2) + "\n")
 
 
 def run_fid(args) -> int:
@@ -118,39 +111,20 @@ def run_fid(args) -> int:
     return 0
 
 
-def _center_square(img, size: int):
-    """uint8 [H, W, 3] -> [size, size, 3]: central square crop, then bicubic (antialiased) resize."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    pil = Image.fromarray(img[top: top + s, left: left + s])
-    if s != size:
-        pil = pil.resize((size, size), Image.BICUBIC)
-    return np.asarray(pil)
-
-
 def run_tokenizer(args) -> int:
-    import numpy as np
-    import torch
-
-    from movq.evaluation.metrics import TokenizerMetrics
+    from movq.evaluation.reconstruction import evaluate_tokenizer
+    from movq.models.autoencoder import MoVQ
 
     source = open_source(args.sources[0])
     if not isinstance(source, ImageSource):
         raise FIDError(f"{args.sources[0]}: tokenizer mode needs images, not statistics")
     try:
-        from movq.data.tokens import resolve_tokenizer
-        from movq.models.autoencoder import MoVQ
-
-        model = MoVQ.from_pretrained(resolve_tokenizer(args.tokenizer))  # a model, checkpoint or run folder
+        model = MoVQ.from_pretrained(args.tokenizer)  # a model, checkpoint or run folder
     except (FileNotFoundError, ValueError) as e:
         raise FIDError(f"tokenizer {args.tokenizer}: {e}") from None
     accelerator = _accelerator(args)
     device = accelerator.device
-    model = model.to(device).eval()
+    model = model.to(device)
     try:  # without the Inception weights the other metrics are still worth having, as without LPIPS
         extractor = _extractor(args, device)
     except InceptionWeightsError as e:
@@ -166,22 +140,6 @@ def run_tokenizer(args) -> int:
         if accelerator.is_main_process:
             logger.warning("LPIPS left out: %s", str(e).splitlines()[0])
     size = args.resolution or model.config.model.resolution
-    metrics = TokenizerMetrics(model.quantizer.codebook_size, lpips=lpips, device=device)
-    if extractor is not None:
-        real = FeatureAccumulator(extractor.num_features, device=device)
-        fake = FeatureAccumulator(extractor.num_features, device=device)
-    report = source.new_report()
-
-    @torch.no_grad()
-    def step(batch: list) -> None:
-        x8 = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)  # uint8 [B, 3, S, S]
-        x = x8.float() / 127.5 - 1
-        x_rec, enc = model(x)
-        if extractor is not None:
-            real.update(extractor(x8))
-            fake.update(extractor(to_uint8(x_rec)))
-        metrics.update(x, x_rec, enc.indices)
-
     bar = None
     if accelerator.is_main_process and not args.no_progress:
         from tqdm.auto import tqdm
@@ -189,32 +147,16 @@ def run_tokenizer(args) -> int:
         total = source.expected(args.max_images)
         bar = tqdm(total=None if total is None else -(-total // accelerator.num_processes), unit="img",
                    desc=f"reconstruct {args.sources[0]}", dynamic_ncols=True)
-    batch: list = []
-    for img in source.iterate(report, accelerator.process_index, accelerator.num_processes, args.max_images):
-        batch.append(_center_square(img, size))
-        if len(batch) == args.batch_size:
-            step(batch)
-            batch = []
-        if bar is not None:
-            bar.update(1)
-    if batch:
-        step(batch)
+    metrics, report = evaluate_tokenizer(
+        model, source, size=size, batch_size=args.batch_size, max_images=args.max_images, extractor=extractor,
+        lpips=lpips, device=device, rank=accelerator.process_index, world=accelerator.num_processes,
+        backend=args.backend, progress=(lambda n: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()
-    if extractor is not None:
-        real.all_reduce_()
-        fake.all_reduce_()
-    metrics.all_reduce_()
-    report = gather_report(report)
     if not accelerator.is_main_process:
-        return 0  # everything is reduced; rank 0 alone computes the distance and writes
-    rfid = None
-    if extractor is not None:
-        rfid = frechet_distance(real.stats(args.sources[0]), fake.stats("reconstructions"), backend=args.backend)
+        return 0  # everything is reduced; rank 0 alone writes
     results = {
-        "rfid": rfid,
-        **metrics.compute(),
-        "resolution": size,
+        **metrics,
         "tokenizer": args.tokenizer,
         "source": report.as_dict(),
         "backend": args.backend,
@@ -232,9 +174,7 @@ def run_tokenizer(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         return run_tokenizer(args) if args.tokenizer else run_fid(args)
     except (FIDError, InceptionWeightsError) as e:

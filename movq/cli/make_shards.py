@@ -36,9 +36,9 @@ from typing import Optional
 
 from PIL import Image
 
+from movq.data.decode import SkipSample, crop_square, decode_image, is_image_file, walk_files
 from movq.data.shards import MANIFEST_NAME, ShardWriter, read_manifest, write_manifest
-from movq.data.sources import folder_classes, is_image_file, walk_files
-from movq.data.stream import SkipSample, crop_square, decode_image
+from movq.data.sources import folder_classes
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from movq.config import atomic_write_text, output_problem
+from movq.cli import setup_logging
+from movq.utils import atomic_path, atomic_write, output_problem, sha256_file
 
 log = logging.getLogger("sample")
 
@@ -119,33 +118,14 @@ def _label_rule(args, num_classes: int) -> str:
     return "cycle"
 
 
-def _labels(rule: str, num_classes: int, index: np.ndarray, device) -> Optional[torch.Tensor]:
-    """Class labels of the samples with global indices ``index`` under ``rule``; None = the null class."""
-    if rule == "null":
-        return None
-    if rule == "cycle":
-        return torch.from_numpy(index % num_classes).to(device)
-    return torch.full((len(index),), int(rule.split()[1]), dtype=torch.long, device=device)
-
-
-def batch_indices(iteration: int, rank: int, batch: int, world: int) -> np.ndarray:
-    """Global sample indices of ``rank``'s batch in ``iteration`` (DiT's sample_ddp layout)."""
-    return iteration * batch * world + rank * batch + np.arange(batch)
-
-
-def _batch_seed(seed: int, first: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**32, first]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def _write_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     """(image [1, 3, S, S] in [-1, 1], tokens [1, C, h, w], known bool [h, w], box in crop pixels)."""
-    from movq.data.stream import SkipSample, crop_square, decode_image, images_from_uint8
+    from movq.data.decode import SkipSample, crop_square, decode_image, images_from_uint8
     from movq.generation.maskgit import box_mask
 
     path = Path(args.edit)
@@ -177,16 +157,6 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     return x, tokens, known, box
 
 
-def _tokens_tokenizer(tokens: Optional[str]) -> Optional[str]:
-    """sha256 of the tokenizer that made the prior's training tokens, when that folder is still there."""
-    from movq.data.tokens import TokenDataError, read_token_manifest
-
-    try:
-        return read_token_manifest(tokens).get("tokenizer_sha256") if tokens else None
-    except (OSError, TokenDataError):
-        return None
-
-
 def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
     """Resume only samples made the same way: OUT/.sample_spec.json records how; returns an error."""
     out.mkdir(parents=True, exist_ok=True)
@@ -202,53 +172,55 @@ def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
         extras = ("samples.npz", "sampling.json", "grid.png", "steps.png", "edit.png", "edit_source.npz")
         for stale in existing + [out / name for name in extras] + list(out.glob("tokens/*.npy")):
             stale.unlink(missing_ok=True)
-    atomic_write_text(path, json.dumps(spec, indent=1))
+    atomic_write(path, json.dumps(spec, indent=1))
     return None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from movq.data.stream import images_from_uint8
-    from movq.data.tokens import file_digest, resolve_tokenizer
-    from movq.evaluation.visualize import save_grid, to_uint8
+    from movq.data.decode import images_from_uint8, images_to_uint8
+    from movq.evaluation.visualize import save_grid
     from movq.generation.maskgit import generate
-    from movq.training.prior import (
-        WEIGHTS_NAME,
-        decode_tokens,
+    from movq.generation.sampler import (
+        batch_seed,
         grid_columns,
-        load_decoder,
         load_prior,
-        resolve_prior,
+        load_tokenizer_for,
+        plan_batches,
         rows_of,
+        sample_labels,
         shade_cells,
+        tokens_to_images,
     )
+    from movq.models.pretrained import WEIGHTS_NAME, resolve_model_dir
 
     acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
     try:
-        model, cfg = load_prior(args.checkpoint, map_location=str(dev), prefer=args.model)
+        prior_dir = resolve_model_dir(args.checkpoint, kind="MaskGIT", prefer=args.model)
+        model, defaults = load_prior(prior_dir, map_location=str(dev))
         nc = model.num_classes
         if nc == 0 and args.class_label is not None:
             raise SampleError("--class-label given but the prior is unconditional (model.num_classes = 0)")
         if args.class_label is not None and not 0 <= args.class_label < nc:
             raise SampleError(f"--class-label {args.class_label} is outside [0, {nc})")
-        tok_path = args.tokenizer or cfg.data.tokenizer
+        tok_path = args.tokenizer or defaults.tokenizer
         if not tok_path:
             raise SampleError("no tokenizer to decode the tokens: pass --tokenizer (a MoVQ checkpoint folder)")
-        tokenizer = load_decoder(tok_path, cfg.model, dev)
-        edit = _edit_source(args, tokenizer, cfg.model.grid_hw, dev) if args.edit else None
+        tok_dir = resolve_model_dir(tok_path, kind="MoVQ")
+        tokenizer = load_tokenizer_for(model, tok_dir, dev)
+        edit = _edit_source(args, tokenizer, model.config.grid_hw, dev) if args.edit else None
     except (SampleError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = cfg.sample
+    s = defaults.sample
     opts = dict(steps=args.steps or s.steps, temperature=s.temperature if args.temperature is None else args.temperature,
                 choice_temperature=s.choice_temperature if args.choice_temperature is None else args.choice_temperature,
-                schedule=cfg.model.mask_schedule)
+                schedule=model.config.mask_schedule)
     scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
     rule = _label_rule(args, nc)
     # null-class samples have nothing to guide towards: guidance is off for them (recorded as scale 1)
@@ -256,14 +228,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     error = None
     if acc.is_main_process:
-        spec = {"prior_sha256": file_digest(resolve_prior(args.checkpoint, args.model) / WEIGHTS_NAME),
-                "tokenizer_sha256": file_digest(resolve_tokenizer(tok_path) / WEIGHTS_NAME), "seed": args.seed,
+        spec = {"prior_sha256": sha256_file(prior_dir / WEIGHTS_NAME),
+                "tokenizer_sha256": sha256_file(tok_dir / WEIGHTS_NAME), "seed": args.seed,
                 "batch_size": args.batch_size, "labels": rule,
                 "bf16": args.bf16, "save_tokens": args.save_tokens, "device": dev.type, **opts, **guidance,
-                "edit_sha256": file_digest(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
-        trained_on = _tokens_tokenizer(cfg.data.tokens)
+                "edit_sha256": sha256_file(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
+        trained_on = defaults.tokenizer_sha256
         if trained_on and trained_on != spec["tokenizer_sha256"]:
-            print(f"warning: the prior learned tokens of another tokenizer ({cfg.data.tokens}, sha256 "
+            print(f"warning: the prior learned tokens of another tokenizer ({defaults.tokenizer}, sha256 "
                   f"{trained_on[:12]}...); decoded with {tok_path} its samples will not look right", file=sys.stderr)
         error = _prepare_out(out, spec, args.overwrite)
         if args.save_tokens:
@@ -274,8 +246,8 @@ def main(argv=None) -> int:
         return 2
 
     def sample(index: np.ndarray, history: bool = False):
-        labels = _labels(rule, nc, index, dev)
-        g = torch.Generator(dev).manual_seed(_batch_seed(args.seed, int(index[0])))
+        labels = sample_labels(rule, nc, index, dev)
+        g = torch.Generator(dev).manual_seed(batch_seed(args.seed, int(index[0])))
         kw = dict(tokens=edit[1].expand(len(index), -1, -1, -1), known_mask=edit[2]) if edit else {}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
             return generate(model, labels, num_samples=len(index), generator=g, return_history=history,
@@ -283,23 +255,21 @@ def main(argv=None) -> int:
 
     def to_images(tokens: torch.Tensor) -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
-            return decode_tokens(tokenizer, tokens)
+            return tokens_to_images(tokenizer, tokens)
 
     n, b = args.num_samples, args.batch_size
-    global_batch = b * world
-    iterations = math.ceil(n / global_batch)
+    plan = plan_batches(n, rank, world, b)
     progress = None
     if acc.is_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=iterations, unit="batch", desc=f"sampling ({world} process(es))", dynamic_ncols=True)
+        progress = tqdm(total=len(plan), unit="batch", desc=f"sampling ({world} process(es))", dynamic_ncols=True)
     t0, made = time.time(), 0
-    for it in range(iterations):
-        index = batch_indices(it, rank, b, world)
+    for index in plan:
         todo = [i for i in index if i < n and not (out / f"{i:06d}.png").is_file()]
         if todo:
             tokens = sample(index)
-            images = to_uint8(to_images(tokens))
+            images = images_to_uint8(to_images(tokens)).cpu().numpy()
             for j, i in enumerate(index):
                 if i in todo:
                     _write_png(images[j], out / f"{i:06d}.png")
@@ -326,16 +296,15 @@ def main(argv=None) -> int:
             return np.asarray(im.convert("RGB"))
 
     arrays = np.stack([read(i) for i in range(n)])
-    tmp = out / ".samples.npz.tmp.npz"
-    np.savez(tmp, arr_0=arrays)
-    os.replace(tmp, out / "samples.npz")
+    with atomic_path(out / "samples.npz") as tmp:
+        np.savez(tmp, arr_0=arrays)
     if args.grid:
         grid = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
         columns = grid_columns(nc if args.class_label is None else 0)  # one class per column
         save_grid(rows_of(grid, columns), out / "grid.png")
     if args.steps_strip:
         # The first batch again, with its history: the strip's rows end in 000000.png, 000001.png, ...
-        _, hist = sample(batch_indices(0, 0, b, world), history=True)
+        _, hist = sample(plan_batches(n, 0, world, b)[0], history=True)
         rows = min(STRIP_ROWS, n, b)
         pred, states = hist.predictions[:rows], hist.states[:rows]  # [rows, T, C, h, w]
         frames = [to_images(pred[:, k]).cpu() for k in range(pred.shape[1])]
@@ -355,7 +324,7 @@ def main(argv=None) -> int:
             "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
             "checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "seed": args.seed, **opts, **guidance,
             "labels": rule, "edit": args.edit, "box": args.box, "outpaint": args.outpaint}
-    atomic_write_text(out / "sampling.json", json.dumps(info, indent=1))
+    atomic_write(out / "sampling.json", json.dumps(info, indent=1))
     rate = f"{made_all / seconds:.1f} images/s" if made_all and seconds > 0 else "nothing new to sample"
     print(f"{n} samples in {out} (samples.npz: {arrays.shape}); {made_all} generated in {seconds:.1f} s, {rate}")
     return 0

@@ -3,13 +3,13 @@ tools/train_prior.py (the MaskGIT prior), with the command line, exit codes and 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
 from accelerate import Accelerator
+
+from movq.cli import setup_logging
 
 
 def parse_train_args(argv: Optional[Sequence[str]], description: str, config_help: str) -> argparse.Namespace:
@@ -19,10 +19,7 @@ def parse_train_args(argv: Optional[Sequence[str]], description: str, config_hel
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     return args
 
 
@@ -49,7 +46,8 @@ def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     and ``summary`` are then None where not built); too many non-finite steps in a row give 3; a run
     stopped early by SIGINT / SIGTERM (checkpoint saved) gives 128 + the signal (130 / 143)."""
     from movq.config import ConfigError, load_config
-    from movq.training.checkpoints import NonFiniteError, ResumeError
+    from movq.training.checkpoints import ResumeError
+    from movq.training.run import NonFiniteError
 
     try:
         cfg = load_config(config_cls, args.config, args.overrides)

@@ -17,26 +17,15 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
 
 from movq.config import DataConfig
 from movq.data.shards import ShardWriter, write_manifest
+from movq.utils import cache_dir
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "MOVQ_CACHE_DIR"
-
-
-def cache_dir(explicit: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """``explicit``, else ``$MOVQ_CACHE_DIR``, else ``~/.cache/movq``."""
-    if explicit:
-        return Path(explicit).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "movq"
-
 
 _BUILTIN_VERSION = 1  # part of the cache key: bump it when the recipe below changes
 # Validation photographs are never cropped for training; the stereo pair stays together.

@@ -2,14 +2,13 @@
 
 Reference: the webdataset format (github.com/webdataset/webdataset: consecutive tar members that
 share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample). Writing (``ShardWriter``: fixed tar
-headers, ``add_member``, so equal input gives byte-identical shards and checksums; ``write_manifest``) and
+headers (``TarShard``), so equal input gives byte-identical shards and checksums; ``write_manifest``) and
 reading (``read_manifest``; ``read_manifests``, ``manifest_counts`` and ``manifest_classes`` for
 shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample).
 Decoding the samples and streaming them to ranks is ``movq.data``'s job.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -18,17 +17,58 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from movq.config import atomic_write_text
+from movq.utils import atomic_write, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "movq-shards/1"
 
 
-class ShardWriter:
-    """Writes samples to ``out_dir/{prefix}-{i:06d}.tar``, ``maxcount`` samples per shard.
+class TarShard:
+    """One tar shard, written under a temporary name and renamed into place by ``close()``.
 
-    Headers carry no time or owner, so equal input gives byte-identical shards (and checksums);
-    each shard is written under a temporary name and renamed when complete."""
+    Members get fixed headers (no time, owner or umask), so equal samples give byte-identical shards
+    and checksums. ``close()`` returns the manifest entry ``{name, count, sha256}``; leaving a ``with``
+    block by an exception removes the partial file instead."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """One sample: ``{key}.{ext}`` for every member."""
+        if "." in key.rpartition("/")[2] or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' in its last part")
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> dict:
+        self._tar.close()
+        digest = sha256_file(self._tmp)
+        os.replace(self._tmp, self.path)
+        return {"name": self.path.name, "count": self.count, "sha256": digest}
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarShard:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.entry = self.close()
+        else:
+            self.abort()
+
+
+class ShardWriter:
+    """Writes samples to ``out_dir/{prefix}-{i:06d}.tar``, ``maxcount`` samples per shard
+    (:class:`TarShard` each)."""
 
     def __init__(self, out_dir: Union[str, os.PathLike], prefix: str = "shard", maxcount: int = 1000):
         if maxcount < 1:
@@ -37,54 +77,46 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.maxcount = prefix, maxcount
         self.shards: list[dict] = []  # {"name", "count", "sha256"} per finished shard
-        self._tar: Optional[tarfile.TarFile] = None
-        self._count = 0
+        self._shard: Optional[TarShard] = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        if "." in key or not key:
+        if "." in key:
             raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
-        if self._tar is None:
-            name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.out_dir / f".{name}.tmp", "w", format=tarfile.USTAR_FORMAT)
-            self._name, self._count = name, 0
-        for ext, data in members.items():
-            add_member(self._tar, f"{key}.{ext}", data)
-        self._count += 1
-        if self._count >= self.maxcount:
-            self._finish()
+        if self._shard is None:
+            self._shard = TarShard(self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar")
+        self._shard.add(key, members)
+        if self._shard.count >= self.maxcount:
+            self.flush()
 
     def flush(self) -> None:
         """End the current shard now (the next sample starts a new one)."""
-        if self._tar is not None:
-            self._finish()
-
-    def _finish(self) -> None:
-        assert self._tar is not None
-        self._tar.close()
-        tmp = self.out_dir / f".{self._name}.tmp"
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, self.out_dir / self._name)
-        self.shards.append({"name": self._name, "count": self._count, "sha256": digest})
-        self._tar = None
+        if self._shard is not None:
+            self.shards.append(self._shard.close())
+            self._shard = None
 
     def close(self) -> list[dict]:
         self.flush()
         return self.shards
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add one file with a fixed header (no time, owner or umask), so equal bytes give equal tars."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
+def shard_entries_problem(shards: Any) -> Optional[str]:
+    """What is wrong with a manifest's ``shards`` list, or None (each entry: name, count ≥ 0, sha256)."""
+    if not isinstance(shards, list):
+        return "'shards' must be a list of {name, count, sha256} entries"
+    for s in shards:
+        if not isinstance(s, dict) or not {"name", "count", "sha256"} <= s.keys():
+            return "'shards' must be a list of {name, count, sha256} entries"
+        if not isinstance(s["count"], int) or isinstance(s["count"], bool) or s["count"] < 0:
+            return f"shard {s['name']!r} has count {s['count']!r}, not a number of samples"
+    return None
 
 
 def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:
     """Write ``manifest.json``: format, count, shards (name, count, sha256) and ``info``
-    (classes, image_size, image_format, skipped, ...). Atomic (``atomic_write_text``)."""
+    (classes, image_size, image_format, skipped, ...). Atomic (``atomic_write``)."""
     manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards), **info,
                 "shards": shards}
-    atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    atomic_write(Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -96,11 +128,9 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
         manifest = json.loads(path.read_text())
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format is not {MANIFEST_FORMAT}")
-        shards = manifest.get("shards")
-        if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys() for s in shards
-        ):
-            raise ValueError("'shards' must be a list of {name, count, sha256} entries")
+        problem = shard_entries_problem(manifest.get("shards"))
+        if problem:
+            raise ValueError(problem)
     except ValueError as e:
         raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
     return manifest

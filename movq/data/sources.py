@@ -25,11 +25,11 @@ from typing import Optional, Union
 
 import numpy as np
 
+from movq.data.decode import IMAGE_EXTS, list_images
 from movq.data.shards import expand_shards, iter_tar, manifest_classes, manifest_counts, read_manifests
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 
 
 @dataclass
@@ -287,26 +287,6 @@ def _shuffled(stream: Iterator[_Raw], rng: np.random.Generator, size: int) -> It
         buf[j], buf[-1] = buf[-1], buf[j]
         yield buf.pop()
 
-
-def walk_files(root: Path) -> Iterator[str]:
-    """Files under ``root`` (recursive, following links, hidden files and folders left out), as
-    '/'-joined relative paths in walk order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(root).as_posix()
-        for name in filenames:
-            if not name.startswith("."):
-                yield name if rel == "." else f"{rel}/{name}"
-
-
-def is_image_file(path: str) -> bool:
-    """Whether the file name's extension is one of ``IMAGE_EXTS`` (any case)."""
-    return path.rpartition("/")[2].rpartition(".")[2].lower() in IMAGE_EXTS
-
-
-def list_images(root: Path) -> list[str]:
-    """Image files under ``root`` (``walk_files`` by extension), as sorted relative paths."""
-    return sorted(f for f in walk_files(root) if is_image_file(f))
 
 
 def folder_classes(root: Path) -> Optional[list[str]]:

@@ -41,7 +41,6 @@ re-split or dispatch them); move batches to the device yourself.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import signal
@@ -52,108 +51,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from movq.config import DataConfig
 from movq.data.builtin import builtin_dataset
+from movq.data.decode import SkipSample, images_from_uint8, load_image
 from movq.data.sources import _FolderSource, _ShardSource, folder_classes
 
 logger = logging.getLogger(__name__)
 
 _MAX_LOGGED = 5  # skip warnings per reason and worker; the counts themselves always go on
 
-
-# --------------------------------------------------------------------------------------
-# Decoding: bytes → RGB image → S×S uint8, or a counted reason why not
-# --------------------------------------------------------------------------------------
-class SkipSample(Exception):
-    """A sample that cannot be used; ``reason`` is the key it is counted under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def decode_image(data: bytes, min_size: int = 0) -> tuple[Image.Image, Optional[str]]:
-    """Decode to RGB. Returns (image, conversion), conversion ``"mode:<mode>"`` when the stored
-    mode was not RGB. ``min_size`` lets JPEG decode at a reduced scale that stays ≥ min_size.
-    Raises ``SkipSample`` (corrupt | truncated | too_large | empty | unsupported_mode)."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        if min_size and img.format == "JPEG":
-            img.draft(img.mode, (min_size, min_size))
-        img.load()
-    except Image.DecompressionBombError as e:
-        raise SkipSample("too_large", str(e)) from None
-    except UnidentifiedImageError as e:
-        raise SkipSample("corrupt", str(e)) from None
-    except Exception as e:  # PIL reports damage as OSError, ValueError, SyntaxError, struct.error...
-        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
-        raise SkipSample(reason, f"{type(e).__name__}: {e}") from None
-    if img.width == 0 or img.height == 0:
-        raise SkipSample("empty")
-    try:  # in place: without an orientation tag the default would copy every image
-        ImageOps.exif_transpose(img, in_place=True)
-    except Exception:  # a broken EXIF block must not cost the image; keep it as it is
-        pass
-    return _to_rgb(img)
-
-
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, Optional[str]]:
-    mode = img.mode
-    if mode == "RGB":
-        return img, None
-    conversion = f"mode:{mode}"
-    try:
-        if mode == "I" or mode.startswith("I;16"):
-            # 16-bit samples (PNG/TIFF): map 0..65535 onto 0..255 rather than clip at 255.
-            a = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
-            return Image.fromarray(np.round(a).astype(np.uint8)).convert("RGB"), conversion
-        if mode == "F":
-            a = np.nan_to_num(np.asarray(img, dtype=np.float64))
-            a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a  # float images are [0,1] or [0,255]
-            return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB"), conversion
-        if mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            if img.mode == "RGB":
-                return img, conversion
-        if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-            # Transparent pixels hold arbitrary colours; show them over white as a viewer would.
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB"), conversion
-        return img.convert("RGB"), conversion
-    except (ValueError, OSError) as e:
-        raise SkipSample("unsupported_mode", f"{mode}: {e}") from None
-
-
-def crop_square(
-    img: Image.Image, size: int, rng: Optional[np.random.Generator] = None
-) -> tuple[Image.Image, bool]:
-    """The largest square (centred, or at a random offset when ``rng`` is given) resized to
-    size × size, i.e. shorter side → size then crop. Returns (image, upscaled)."""
-    W, H = img.size
-    side = min(W, H)
-    if rng is None:
-        left, top = (W - side) // 2, (H - side) // 2
-    else:
-        left, top = int(rng.integers(0, W - side + 1)), int(rng.integers(0, H - side + 1))
-    box = (left, top, left + side, top + side)
-    if side == size:
-        return img.crop(box), False
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box), side < size
-
-
-def load_image(
-    data: bytes, size: int, rng: Optional[np.random.Generator] = None
-) -> tuple[np.ndarray, list[str]]:
-    """Decode and crop to ``uint8 [size, size, 3]`` (centred, or at a random offset with ``rng``).
-    Returns (array, conversions: ``"mode:<mode>"`` and/or ``"upscaled"``); raises ``SkipSample``."""
-    img, conversion = decode_image(data, min_size=size)
-    img, upscaled = crop_square(img, size, rng)
-    conversions = [c for c in (conversion, "upscaled" if upscaled else None) if c]
-    return np.asarray(img, dtype=np.uint8), conversions
 
 
 # --------------------------------------------------------------------------------------
@@ -304,11 +212,6 @@ class ImageStream(IterableDataset):
         return arr, conversions
 
 
-def images_from_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [-1, 1], the inverse of
-    ``movq.visualize.to_uint8``. The result keeps the input's channels-last strides (not contiguous)."""
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
 
 def _collate(images, labels, keys, skipped: Counter, converted: Counter) -> dict:
     x = images_from_uint8(torch.from_numpy(np.stack(images))).contiguous()  # [B, 3, S, S] in [-1, 1]
@@ -376,8 +279,3 @@ def train_batches(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, labels
         epoch, skip = epoch + 1, 0
 
 
-def num_classes(cfg: DataConfig) -> Optional[int]:
-    """Classes of the training data (manifest ``classes``, or class sub-folders), else None."""
-    if cfg.source == "builtin":
-        return None
-    return build_dataset(cfg, "train", labels=False).num_classes

@@ -23,7 +23,6 @@ a resume at step N draws exactly the batches a run from step 0 draws there.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -37,13 +36,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from movq.config import atomic_write_text
-from movq.data.shards import add_member, iter_tar
+from movq.data.shards import MANIFEST_NAME, TarShard, iter_tar, shard_entries_problem
+from movq.utils import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
 TOKENS_FORMAT = "movq-tokens/1"
-MANIFEST_NAME = "manifest.json"
 PARTS_DIR = ".parts"
 SHARD_PREFIX = "tokens"
 TOKENS_EXT = "tokens.npy"
@@ -59,14 +57,14 @@ class TokenDataError(ValueError):
 # --------------------------------------------------------------------------------------
 # Samples and shards
 # --------------------------------------------------------------------------------------
-def encode_tokens(tokens: np.ndarray) -> bytes:
+def tokens_to_npy(tokens: np.ndarray) -> bytes:
     """``uint16 [C, h, w]`` → ``.npy`` bytes."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(tokens, dtype=np.uint16), allow_pickle=False)
     return buf.getvalue()
 
 
-def decode_tokens(data: bytes, shape: Sequence[int], codebook_size: int, where: str) -> np.ndarray:
+def tokens_from_npy(data: bytes, shape: Sequence[int], codebook_size: int, where: str) -> np.ndarray:
     """``.npy`` bytes → ``uint16 [C, h, w]``, checked against ``shape`` and ``[0, codebook_size)``."""
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -87,23 +85,16 @@ def sanitize_key(key: str) -> str:
 
 
 def write_token_shard(path: Union[str, os.PathLike], samples: Sequence[tuple[str, np.ndarray, int]]) -> dict:
-    """Write ``(key, uint16 [C, h, w], label)`` samples (label < 0: none) to one tar, atomically.
-
-    Headers carry no time or owner, so equal tokens give byte-identical shards. Returns the
-    manifest entry ``{name, count, sha256}``.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """Write ``(key, uint16 [C, h, w], label)`` samples (label < 0: none) to one tar, atomically
+    (:class:`movq.data.shards.TarShard`: equal tokens give byte-identical shards). Returns the manifest
+    entry ``{name, count, sha256}``."""
+    with TarShard(path) as shard:
         for key, tokens, label in samples:
-            members = {TOKENS_EXT: encode_tokens(tokens)}
+            members = {TOKENS_EXT: tokens_to_npy(tokens)}
             if label >= 0:
                 members[LABEL_EXT] = str(int(label)).encode()
-            for ext, data in members.items():
-                add_member(tar, f"{key}.{ext}", data)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, path)
-    return {"name": path.name, "count": len(samples), "sha256": digest}
+            shard.add(key, members)
+    return shard.entry
 
 
 def read_token_shard(
@@ -113,7 +104,7 @@ def read_token_shard(
     path = Path(path)
     if not path.is_file():
         raise TokenDataError(f"token shard {path} is missing (listed in the manifest)")
-    if sha256 is not None and hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+    if sha256 is not None and sha256_file(path) != sha256:
         raise TokenDataError(
             f"token shard {path} does not match the sha256 in the manifest (damaged or rewritten); "
             "delete it and its .parts/ entry, then rerun tools/tokenize_dataset.py"
@@ -124,7 +115,7 @@ def read_token_shard(
             where = f"{path}:{key}"
             if TOKENS_EXT not in members:
                 raise TokenDataError(f"{where}: no .{TOKENS_EXT} member (has {sorted(members)})")
-            tokens.append(decode_tokens(members[TOKENS_EXT], shape, codebook_size, where))
+            tokens.append(tokens_from_npy(members[TOKENS_EXT], shape, codebook_size, where))
             label = -1
             if LABEL_EXT in members:
                 try:
@@ -165,10 +156,9 @@ def read_token_manifest(directory: Union[str, os.PathLike]) -> dict:
     for key in ("channels", "height", "width", "codebook_size", "shards", "classes"):
         if key not in m:
             raise TokenDataError(f"{path}: key '{key}' missing")
-    shards = m["shards"]
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys()
-                                               for s in shards):
-        raise TokenDataError(f"{path}: 'shards' must be a list of {{name, count, sha256}} entries")
+    problem = shard_entries_problem(m["shards"])
+    if problem:
+        raise TokenDataError(f"{path}: {problem}")
     return m
 
 
@@ -193,7 +183,7 @@ def write_token_manifest(directory: Union[str, os.PathLike], num_chunks: int) ->
         raise TokenDataError(f"{directory}: {len(missing)} shard(s) not finished, e.g. {missing[:3]}; rerun to finish")
     manifest = {"format": TOKENS_FORMAT, "count": sum(s["count"] for s in shards), **spec,
                 "skipped": dict(skipped), "converted": dict(converted), "shards": shards}
-    atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    atomic_write(directory / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -217,7 +207,7 @@ def prepare_output(directory: Union[str, os.PathLike], spec: dict, overwrite: bo
         logger.info("%s: replacing tokens made with other settings (%s)", directory, ", ".join(diff))
         for stale in [directory / MANIFEST_NAME, *directory.glob(f"{SHARD_PREFIX}-*.tar"), *parts.iterdir()]:
             stale.unlink(missing_ok=True)
-    atomic_write_text(path, json.dumps(spec, indent=1))
+    atomic_write(path, json.dumps(spec, indent=1))
 
 
 def _part_path(directory: Path, index: int) -> Path:
@@ -244,7 +234,7 @@ def finish_shard(directory: Union[str, os.PathLike], index: int, samples, skippe
     staged = directory / f".{name}.staged"
     (directory / name).unlink(missing_ok=True)
     info = {**write_token_shard(staged, samples), "name": name, "skipped": dict(skipped), "converted": dict(converted)}
-    atomic_write_text(_part_path(directory, index), json.dumps(info))
+    atomic_write(_part_path(directory, index), json.dumps(info))
     os.replace(staged, directory / name)
     return info
 
@@ -302,10 +292,6 @@ class TokenDataset:
         return {"tokens": torch.from_numpy(self.array[index].astype(np.int64)),
                 "label": self.labels[torch.from_numpy(index)]}
 
-    @property
-    def tokens(self) -> torch.Tensor:
-        """All of this rank's tokens as ``int64 [N, C, h, w]`` (a new copy on every access)."""
-        return torch.from_numpy(self.array.astype(np.int64))
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[dict]:
         """Endless ``{"tokens": int64 [B, C, h, w], "label": int64 [B]}`` from batch ``start_step``.
@@ -332,41 +318,3 @@ class TokenDataset:
             while len(pending) >= batch_size:
                 batch, pending = pending[:batch_size], pending[batch_size:]
                 yield self.take(batch)
-
-
-def resolve_tokenizer(path: Union[str, os.PathLike]) -> Path:
-    """A ``MoVQ.from_pretrained`` folder from a model folder, a checkpoint folder (its ``ema/``,
-    else ``model/``) or a run folder (its newest checkpoint)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"tokenizer {p} does not exist")
-    if (p / "checkpoints").is_dir():
-        from movq.training.checkpoints import CKPT_PATTERN
-
-        found = sorted(c for c in (p / "checkpoints").iterdir() if c.is_dir() and CKPT_PATTERN.match(c.name))
-        if not found:
-            raise FileNotFoundError(f"run folder {p} has no finished checkpoint under checkpoints/")
-        p = found[-1]
-    for sub in ("", "ema", "model"):
-        cand = p / sub if sub else p
-        if (cand / "model.safetensors").is_file() and (cand / "config.yaml").is_file():
-            return cand
-    raise FileNotFoundError(
-        f"{p} is not a tokenizer checkpoint: expected model.safetensors + config.yaml in it or in its ema/ or model/"
-    )
-
-
-def file_digest(path: Union[str, os.PathLike]) -> str:
-    """sha256 of a file, read in blocks (tokenizer weights can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-__all__ = [
-    "TokenDataset", "TokenDataError", "write_token_shard", "read_token_shard",
-    "read_token_manifest", "write_token_manifest", "prepare_output", "shard_done", "finish_shard", "shard_name",
-    "resolve_tokenizer", "encode_tokens", "decode_tokens", "sanitize_key", "file_digest", "MAX_CODEBOOK",
-]

@@ -24,13 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from movq.evaluation.fid_sources import (
-    FIDError,
-    FIDStats,
-    ImageSource,
-    SourceReport,
-)
+from movq.data.decode import images_to_uint8
+from movq.evaluation.fid_sources import FIDError, FIDStats, ImageSource, SourceReport
 from movq.evaluation.inception import FIDInceptionV3, InceptionWeightsError
+from movq.utils import rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +55,9 @@ class FeatureAccumulator:
         self.total += f.sum(dim=0)
         self.outer += f.T @ f
 
-    def merge(self, other: FeatureAccumulator) -> FeatureAccumulator:
-        """Add another accumulator's sums (e.g. one computed elsewhere) into this one."""
-        if other.dim != self.dim:
-            raise ValueError(f"feature sizes differ: {self.dim} vs {other.dim}")
-        for mine, theirs in ((self.count, other.count), (self.total, other.total), (self.outer, other.outer)):
-            mine += theirs.to(mine.device)
-        return self
-
     def all_reduce_(self) -> FeatureAccumulator:
         """Sum over the ranks of the initialized process group (no-op without one)."""
-        if _world() > 1:
+        if rank_and_world()[1] > 1:
             import torch.distributed as dist
 
             for t in (self.count, self.total, self.outer):
@@ -181,18 +170,6 @@ def frechet_distance(a: FIDStats, b: FIDStats, backend: str = "torchmetrics") ->
 # --------------------------------------------------------------------------------------
 # Images -> statistics
 # --------------------------------------------------------------------------------------
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -210,7 +187,7 @@ def compute_source_stats(
     Images of different sizes share a batch: the extractor resizes each one to 299² on its own.
     Returns stats and the report summed over ranks.
     """
-    rank, world = _rank(), _world()
+    rank, world = rank_and_world()[0], rank_and_world()[1]
     report = source.new_report()
     acc = FeatureAccumulator(extractor.num_features, device=_device_of(extractor))
     pending: list[np.ndarray] = []
@@ -254,11 +231,11 @@ def compute_source_stats(
 
 
 def gather_report(report: SourceReport) -> SourceReport:
-    if _world() == 1:
+    if rank_and_world()[1] == 1:
         return report
     import torch.distributed as dist
 
-    parts: list = [None] * _world()
+    parts: list = [None] * rank_and_world()[1]
     dist.all_gather_object(parts, report.as_dict(max_sizes=1 << 30))
     merged = SourceReport(report.source, report.kind)
     for p in parts:
@@ -270,11 +247,6 @@ def gather_report(report: SourceReport) -> SourceReport:
 # --------------------------------------------------------------------------------------
 # In training
 # --------------------------------------------------------------------------------------
-def to_uint8(x: Tensor) -> Tensor:
-    """float images [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] (rounded, clamped)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def _as_nchw_uint8(batch) -> Tensor:
     """uint8 NHWC (numpy or torch) or float NCHW in [-1, 1] (torch) -> uint8 [B, 3, H, W]."""
     t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
@@ -286,7 +258,7 @@ def _as_nchw_uint8(batch) -> Tensor:
         t = t[..., :3] if t.shape[3] == 4 else t.expand(-1, -1, -1, 3)
         return t.permute(0, 3, 1, 2)
     if t.is_floating_point() and t.shape[1] == 3:
-        return to_uint8(t)
+        return images_to_uint8(t).permute(0, 3, 1, 2)
     raise FIDError(
         f"FID images must be uint8 NHWC or float NCHW [B, 3, H, W] in [-1, 1], got {t.dtype} {tuple(t.shape)}"
     )
@@ -366,7 +338,7 @@ class FIDTracker:
             stats = self.compute_stats(images)
             if stats is None:
                 return None
-            if self.reference_stats is not None and _rank() == 0:
+            if self.reference_stats is not None and rank_and_world()[0] == 0:
                 stats.save(self.reference_stats)
             self._reference = stats
         return self._reference

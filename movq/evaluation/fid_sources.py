@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
-import os
 import re
 import tarfile
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -31,10 +29,11 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
+from movq.data.decode import IMAGE_EXTS, SkipSample, decode_image, list_images, read_image_file, to_rgb
+from movq.utils import atomic_path
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class FIDError(ValueError):
@@ -83,15 +82,8 @@ class FIDStats:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write ``mu``, ``sigma``, ``num_images`` atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
+            np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
 
 
 # --------------------------------------------------------------------------------------
@@ -128,29 +120,28 @@ class SourceReport:
         }
 
 
-def pil_to_rgb(img: Image.Image, report: Optional[SourceReport] = None) -> np.ndarray:
-    """PIL image of any mode -> uint8 [H, W, 3]; a conversion is counted under its source mode."""
-    mode = img.mode
-    if mode != "RGB":
-        if report is not None:
-            report.converted[mode] += 1
-        if mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits, not a clip at 255
-            gray = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
-            return np.repeat(gray[:, :, None], 3, axis=2)
-        img = img.convert("RGB")  # alpha is dropped, palettes and L/CMYK mapped, as PIL does
-    return np.asarray(img, dtype=np.uint8)
+def _note(report: Optional[SourceReport], conversions: list[str]) -> None:
+    """Count a decoded image's mode conversion (``"mode:RGBA"`` → ``RGBA``) in the report."""
+    if report is not None:
+        report.converted.update(c.split(":", 1)[1] for c in conversions if c.startswith("mode:"))
 
 
 def array_to_rgb(arr: np.ndarray, report: Optional[SourceReport] = None) -> np.ndarray:
-    """uint8 [H, W], [H, W, 1|3|4] -> [H, W, 3] (gray repeated, alpha dropped; counted)."""
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    c = arr.shape[2]
-    if c == 3:
+    """uint8 [H, W], [H, W, 1|3|4] -> [H, W, 3], converted as an image file of that mode would be
+    (gray repeated, alpha over white: :func:`movq.data.decode.decode_image`'s rules; counted)."""
+    if arr.ndim == 3 and arr.shape[2] == 3:
         return arr
-    if report is not None:
-        report.converted[{1: "L", 4: "RGBA"}[c]] += 1
-    return np.repeat(arr, 3, axis=2) if c == 1 else arr[:, :, :3]
+    mode = {1: "L", 4: "RGBA"}[arr.shape[2]] if arr.ndim == 3 else "L"
+    img, conversion = to_rgb(Image.fromarray(arr.reshape(arr.shape[:2]) if mode == "L" else arr, mode))
+    _note(report, [conversion] if conversion else [])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decoded(data: bytes, report: SourceReport) -> np.ndarray:
+    """Image bytes → uint8 [H, W, 3] through the training decoder; ``SkipSample`` when unusable."""
+    img, conversion = decode_image(data)
+    _note(report, [conversion] if conversion else [])
+    return np.asarray(img, dtype=np.uint8)
 
 
 class ImageSource:
@@ -191,12 +182,13 @@ class ImageSource:
         for i in range(rank, min(len(self.paths), limit), world):
             path = self.paths[i]
             try:
-                with Image.open(path) as img:
-                    img.load()
-                    yield pil_to_rgb(img, report)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                arr, conversions = read_image_file(path)
+            except SkipSample as e:
                 report.skipped += 1
                 logger.warning("FID: skipped unreadable image %s (%s)", path, e)
+                continue
+            _note(report, conversions)
+            yield arr
 
     def _npz(self, report, rank, world, limit):
         path = self.paths[0]
@@ -234,7 +226,7 @@ class ImageSource:
                         base = member.name.rsplit("/", 1)[-1]
                         key = member.name[: len(member.name) - len(base)] + base.split(".", 1)[0]
                         ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
-                        if not member.isfile() or ext not in SHARD_IMAGE_EXTS or key in seen:
+                        if not member.isfile() or ext not in IMAGE_EXTS or key in seen:
                             continue
                         seen.add(key)  # one image per webdataset sample
                         mine = i % world == rank
@@ -242,12 +234,12 @@ class ImageSource:
                         if not mine:
                             continue
                         try:
-                            with Image.open(tar.extractfile(member)) as img:
-                                img.load()
-                                yield pil_to_rgb(img, report)
-                        except (OSError, ValueError, Image.DecompressionBombError) as e:
+                            arr = _decoded(tar.extractfile(member).read(), report)
+                        except SkipSample as e:
                             report.skipped += 1
                             logger.warning("FID: skipped unreadable %s in %s (%s)", member.name, shard, e)
+                            continue
+                        yield arr
             except (tarfile.TarError, EOFError, OSError) as e:
                 report.skipped += 1
                 logger.warning("FID: shard %s is truncated or corrupt after %d images (%s); rest skipped", shard, i, e)
@@ -289,12 +281,7 @@ def open_source(spec: Union[str, Path]) -> Union[ImageSource, FIDStats]:
             if not files:
                 raise FIDError(f"{spec}: a tools/sample.py folder without samples (NNNNNN.png)")
             return ImageSource(spec, "folder", files, total=len(files))
-        files = sorted(
-            Path(root) / name
-            for root, _, names in os.walk(path, followlinks=True)
-            for name in names
-            if name.lower().endswith(IMAGE_EXTS)
-        )
+        files = [path / rel for rel in list_images(path)]  # the training loader's listing
         if not files:
             raise FIDError(
                 f"{spec}: no images ({'/'.join(IMAGE_EXTS)}) found in this folder or below; "

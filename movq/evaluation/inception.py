@@ -18,7 +18,6 @@ altered file raises :class:`InceptionWeightsError` saying where it looked and ho
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from movq.utils import CACHE_ENV, cache_dir, read_state_dict, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ WEIGHTS_URL = (
     "weights-inception-2015-12-05-6726825d.pth"
 )
 ENV_WEIGHTS = "MOVQ_INCEPTION_WEIGHTS"
-ENV_CACHE = "MOVQ_CACHE_DIR"
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -356,13 +356,13 @@ class FIDInceptionV3(nn.Module):
 def _how_to_get() -> str:
     return (
         f"get it (once) from {WEIGHTS_URL} and pass --inception-weights PATH, set {ENV_WEIGHTS}=PATH, "
-        f"or put it in ${ENV_CACHE} (default ~/.cache/movq)"
+        f"or put it in ${CACHE_ENV} (default ~/.cache/movq)"
     )
 
 
 def _candidate_paths() -> list[Path]:
     names = (WEIGHTS_NAME, *ALT_WEIGHTS_NAMES)
-    dirs = [Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "movq").expanduser()]
+    dirs = [cache_dir()]
     # torch-fidelity / torchmetrics download into torch.hub's cache; reuse it if it is there.
     dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
     return [d / n for d in dirs for n in names]
@@ -391,14 +391,6 @@ def resolve_weights_path(path: Union[str, Path, None] = None) -> Path:
     )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_state_dict(path: Union[str, Path], *, verify: bool = True) -> dict[str, Tensor]:
     """Read a weights file and check its keys and shapes against the network (never unpickles code).
 
@@ -413,12 +405,9 @@ def load_state_dict(path: Union[str, Path], *, verify: bool = True) -> dict[str,
                 f"(a different or damaged file); {_how_to_get()}"
             )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise InceptionWeightsError(f"Inception weights {path} could not be read as a torch state dict "
-                                    f"({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise InceptionWeightsError(f"Inception weights {path} is not a flat state dict of tensors")
+        state = read_state_dict(path)
+    except ValueError as e:
+        raise InceptionWeightsError(f"Inception weights: {e}") from None
     with torch.device("meta"):
         expected = FIDInceptionV3().state_dict()
     required = {k for k in expected if not k.endswith("num_batches_tracked")}

@@ -23,13 +23,15 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from movq import utils
+from movq.utils import read_state_dict
+
 logger = logging.getLogger(__name__)
 
 VGG_FILENAME = "vgg16-397923af.pth"
 LIN_FILENAME = "vgg.pth"
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
-CACHE_ENV = "MOVQ_CACHE_DIR"
 
 # VGG16 "D" configuration as laid out in torchvision's `features` Sequential: a number is a 3x3
 # conv (+ ReLU), "M" a 2x2 max-pool. Indices of the modules, and so the state-dict keys, follow.
@@ -43,13 +45,6 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 _NORM_EPS = 1e-10  # LPIPS' eps in x / (||x|| + eps)
 _MIN_SIZE = 16  # four 2x2 pools precede relu5_3
-
-
-def _cache_dir(explicit: Optional[Union[str, os.PathLike]] = None) -> Path:
-    if explicit is not None:
-        return Path(explicit).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "movq"
 
 
 def _build_vgg16_features() -> nn.Sequential:
@@ -75,23 +70,6 @@ class _LinHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors' own error types for a bad header or a short file
-            raise ValueError(f"could not read weights from {path}: {type(e).__name__}: {e}") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, a truncated file, not a torch file at all
-        raise ValueError(f"could not read weights from {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__})")
-    return sd
 
 
 def _check_keys(
@@ -141,12 +119,12 @@ class LPIPS(nn.Module):
         for path, name, url in ((vgg_path, VGG_FILENAME, VGG_URL), (lin_path, LIN_FILENAME, LIN_URL)):
             if not path.is_file():
                 raise FileNotFoundError(_missing_message(name, [path], url))
-        vgg = _read_state_dict(vgg_path)
+        vgg = read_state_dict(vgg_path)
         expected = {f"features.{k}": v.shape for k, v in self.features.state_dict().items()}
         _check_keys(vgg_path, "torchvision VGG16", vgg, expected, ignore_prefixes=("classifier.",))
         self.features.load_state_dict({k[len("features."):]: vgg[k] for k in expected})
 
-        lin = _read_state_dict(lin_path)
+        lin = read_state_dict(lin_path)
         expected = {
             f"lin{i}.model.1.weight": head.model[1].weight.shape for i, head in enumerate(self.lins)
         }
@@ -234,7 +212,7 @@ def _resolve(
         if not path.is_file():
             raise FileNotFoundError(_missing_message(name, [path], url))
         return path
-    candidates = [_cache_dir(cache_dir) / name]
+    candidates = [utils.cache_dir(cache_dir) / name]
     if extra_dir is not None:
         candidates.append(extra_dir / name)
     for path in candidates:
@@ -249,7 +227,7 @@ def _missing_message(name: str, looked: list[Path], url: str) -> str:
     return (
         f"LPIPS weight file '{name}' not found. Looked for:\n{where}\n"
         f"Nothing is downloaded at run time. Get it from {url}\n"
-        f"and put it in {_cache_dir()} (or set ${CACHE_ENV}, or give its path in the config: "
+        f"and put it in {utils.cache_dir()} (or set ${utils.CACHE_ENV}, or give its path in the config: "
         "loss.lpips_vgg_path / loss.lpips_lin_path). To train without the perceptual term, set "
         "loss.perceptual_weight=0."
     )

@@ -11,13 +11,15 @@ summing: call :meth:`TokenizerMetrics.all_reduce_` (or ``merge`` two objects) be
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from movq.models.quantizer import code_perplexity
+from movq.utils import is_distributed
 
 # Identical images have infinite PSNR; capping keeps the mean finite and says "lossless".
 PSNR_CAP_DB = 100.0
@@ -80,21 +82,11 @@ class TokenizerMetrics:
             s["lpips_count"] += dist.numel()
         s["code_counts"] += torch.bincount(flat, minlength=self.codebook_size)
 
-    def merge(self, other: TokenizerMetrics) -> TokenizerMetrics:
-        """Add another accumulator's sums into this one (e.g. one gathered from another rank)."""
-        if other.codebook_size != self.codebook_size:
-            raise ValueError(f"codebook sizes differ: {self.codebook_size} vs {other.codebook_size}")
-        for k, v in other.state.items():
-            self.state[k] += v.to(self.device)
-        return self
-
     def all_reduce_(self) -> TokenizerMetrics:
         """Sum the state over all ranks of the initialized process group (no-op without one)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             for v in self.state.values():
-                dist.all_reduce(v, op=dist.ReduceOp.SUM)
+                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.SUM)
         return self
 
     def compute(self) -> dict[str, Optional[float]]:
@@ -103,12 +95,7 @@ class TokenizerMetrics:
         s = self.state
         n = float(s["num_images"])
         counts = s["code_counts"].double()
-        total = float(counts.sum())
-        if total > 0:
-            p = counts[counts > 0] / total
-            perplexity = math.exp(float(-(p * p.log()).sum()))
-        else:
-            perplexity = float("nan")
+        perplexity = float(code_perplexity(counts))
         lpips_n = float(s["lpips_count"])
         return {
             "psnr": float(s["psnr_sum"]) / n if n else float("nan"),

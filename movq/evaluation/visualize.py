@@ -9,17 +9,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3]."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+from movq.data.decode import images_to_uint8
+from movq.utils import atomic_path
 
 
 def save_grid(rows: Sequence[torch.Tensor], path: Union[str, os.PathLike], pad: int = 2) -> None:
     """Each row is a [B, 3, H, W] batch in [-1, 1]; rows are stacked top to bottom (e.g. originals
     above reconstructions). Written through a temp file + rename."""
-    arrays = [to_uint8(r) for r in rows]
+    arrays = [images_to_uint8(r).cpu().numpy() for r in rows]
     n = max(a.shape[0] for a in arrays)
     H, W = arrays[0].shape[1:3]
     grid = np.full((len(arrays) * (H + pad) + pad, n * (W + pad) + pad, 3), 255, np.uint8)
@@ -49,7 +46,5 @@ def save_usage_chart(counts: torch.Tensor, path: Union[str, os.PathLike], height
 
 
 def _save_png(img: Image.Image, path: Union[str, os.PathLike]) -> None:
-    path = str(path)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

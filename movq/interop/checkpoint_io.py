@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import torch
 
+from movq.utils import read_state_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -87,11 +89,9 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own types for bad headers and short files
+            return read_state_dict(path)
+        except ValueError as e:
             raise ConvertError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     obj, stubbed = _torch_load(path)
     if stubbed:

@@ -39,9 +39,10 @@ from typing import Any, Optional, Union
 import torch
 import yaml
 
-from movq.config import TokenizerConfig, atomic_write_text, load_config
+from movq.config import MoVQConfig, load_config
 from movq.interop.checkpoint_io import ConvertError, load_checkpoint
 from movq.models.autoencoder import MoVQ
+from movq.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _read_yaml(path: Union[str, os.PathLike]) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Source configs → TokenizerConfig
+# Source configs → MoVQConfig
 # --------------------------------------------------------------------------------------
 def _nominal(levels: int, attn_levels: set[int]) -> tuple[int, list[int]]:
     """(resolution, attn_resolutions) that put attention at ``attn_levels`` (level i has size R / 2^i)."""
@@ -100,14 +101,14 @@ def _nominal(levels: int, attn_levels: set[int]) -> tuple[int, list[int]]:
     return resolution, sorted((resolution >> i for i in attn_levels), reverse=True)
 
 
-def _tokenizer_config(model: dict, quantizer: dict, origin: str) -> TokenizerConfig:
+def _tokenizer_config(model: dict, quantizer: dict, origin: str) -> MoVQConfig:
     try:
-        return load_config(TokenizerConfig, {"model": model, "quantizer": quantizer})
+        return load_config(MoVQConfig, {"model": model, "quantizer": quantizer})
     except ValueError as e:
         raise ConvertError(f"{origin}: inferred an unsupported configuration: {e}") from None
 
 
-def config_from_diffusers(cfg: dict, origin: str = "config.json") -> TokenizerConfig:
+def config_from_diffusers(cfg: dict, origin: str = "config.json") -> MoVQConfig:
     """The movq config of a diffusers ``VQModel`` ``config.json`` (only plain VQGAN / MoVQ block types)."""
     cls = cfg.get("_class_name")
     if cls is not None and cls != "VQModel":
@@ -183,7 +184,7 @@ def _count(state: dict, fmt: str) -> int:
 
 
 def config_from_vqgan(state: dict, source: str, source_config: Optional[dict] = None,
-                      origin: str = "checkpoint") -> TokenizerConfig:
+                      origin: str = "checkpoint") -> MoVQConfig:
     """Infer the movq config of a taming / MoVQGAN state dict from its shapes, checked against the
     optional source YAML (``source_config`` as read, e.g. ``model.params.ddconfig``)."""
     def need(key: str) -> torch.Tensor:
@@ -344,7 +345,7 @@ def _diffusers_key(key: str, levels: int) -> tuple[str, str]:
     return ".".join(out), how
 
 
-def source_key_map(config: TokenizerConfig, source: str, model: Optional[MoVQ] = None) -> dict[str, tuple[str, str]]:
+def source_key_map(config: MoVQConfig, source: str, model: Optional[MoVQ] = None) -> dict[str, tuple[str, str]]:
     """``{movq key: (source key, transform)}`` for every weight of ``MoVQ(config)`` (not the quantizer's
     training statistics, which start fresh). ``transform`` is ``"copy"`` or ``"linear"``."""
     if source not in SOURCES:
@@ -373,7 +374,7 @@ def _listing(keys: list[str], limit: int = 10) -> str:
     return f"{keys[:limit]}{more}"
 
 
-def convert_state_dict(source: str, state: dict[str, torch.Tensor], config: TokenizerConfig, *,
+def convert_state_dict(source: str, state: dict[str, torch.Tensor], config: MoVQConfig, *,
                        use_ema: bool = False, remap: str = "subset", origin: str = "state dict") -> ConvertResult:
     """Map a source state dict onto ``MoVQ(config)``; every key is accounted for or it raises.
 
@@ -480,7 +481,7 @@ def _diffusers_current_names(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return {pattern.sub(lambda m: m.group(1) + _DIFFUSERS_OLD_ATTN[m.group(2)] + ".", k): v for k, v in state.items()}
 
 
-def _reading(origin: Any, fn: Any, *args: Any) -> TokenizerConfig:
+def _reading(origin: Any, fn: Any, *args: Any) -> MoVQConfig:
     """``fn(*args)`` with a malformed value in a source config (a string for a number...) as a ConvertError."""
     try:
         return fn(*args)
@@ -571,5 +572,5 @@ def save_converted(result: ConvertResult, dst: Union[str, os.PathLike], src: str
     dst = Path(dst)
     result.model.save_pretrained(dst)
     info = {"source_format": result.source, "source": str(src), "dropped_keys": result.dropped, "notes": result.notes}
-    atomic_write_text(dst / "conversion.json", json.dumps(info, indent=2) + "\n")
+    atomic_write(dst / "conversion.json", json.dumps(info, indent=2) + "\n")
     return dst

@@ -9,24 +9,18 @@ The encoder and decoder are the taming-transformers VQGAN (Esser et al. 2021). W
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from movq.config import ModelConfig, TokenizerConfig, load_config, save_config
+from movq.config import ModelConfig, MoVQConfig, TokenizerConfig, load_config
 from movq.models.layers import AttnBlock, Downsample, Norm, ResnetBlock, Upsample
+from movq.models.pretrained import PretrainedModel
 from movq.models.quantizer import MultichannelQuantizer, QuantizerOutput
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
 
 
 def _run(block: nn.Module, x: torch.Tensor, zq: Optional[torch.Tensor], ckpt: bool) -> torch.Tensor:
@@ -150,12 +144,17 @@ class EncodeOutput(NamedTuple):
     quant: QuantizerOutput  # loss, codebook_loss, commitment_loss, perplexity, usage
 
 
-class MoVQ(nn.Module):
-    """Encoder → quant_conv → multichannel quantizer → post_quant_conv → Decoder(·, zq)."""
+class MoVQ(PretrainedModel):
+    """Encoder → quant_conv → multichannel quantizer → post_quant_conv → Decoder(·, zq).
 
-    def __init__(self, config: TokenizerConfig):
+    Built from a :class:`MoVQConfig` (or a :class:`TokenizerConfig`, whose ``model`` and ``quantizer``
+    sections it takes); ``save_pretrained`` / ``from_pretrained`` keep the architecture only."""
+
+    config_class = MoVQConfig
+
+    def __init__(self, config: Union[MoVQConfig, TokenizerConfig]):
         super().__init__()
-        self.config = config
+        self.config = MoVQConfig(model=config.model, quantizer=config.quantizer)
         m, q = config.model, config.quantizer
         if len(m.channel_mult) < 1:
             raise ValueError("model.channel_mult needs at least one level")
@@ -211,44 +210,3 @@ class MoVQ(nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's output conv weight: the adaptive GAN weight is measured on it."""
         return self.decoder.conv_out.weight
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``model.safetensors`` and the resolved ``config.yaml``, each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": "pt", "movq": json.dumps({"class": "MoVQ"})})
-            os.replace(tmp, directory / WEIGHTS_NAME)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        save_config(self.config, directory / CONFIG_NAME)
-
-    @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> MoVQ:
-        """Rebuild from ``save_pretrained`` output, on the device ``map_location``; nothing is unpickled."""
-        directory = Path(directory)
-        weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-        for p in (weights, cfg_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found: a movq checkpoint folder holds {WEIGHTS_NAME} and {CONFIG_NAME}")
-        model = cls(load_config(TokenizerConfig, cfg_path))
-        try:
-            state = load_file(weights, device=map_location)
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise ValueError(f"{weights} is not a readable safetensors file: {e}") from None
-        own = model.state_dict()
-        bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected or bad_shapes:
-            raise ValueError(
-                f"{weights} does not match the architecture in {cfg_path}: missing keys {missing[:8]}"
-                f"{'…' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                f"{'…' if len(unexpected) > 8 else ''}, wrong shapes {bad_shapes[:8]}"
-            )
-        model.load_state_dict(state)
-        return model.to(map_location)  # load_state_dict copies into the CPU-built parameters

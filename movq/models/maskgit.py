@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from movq.config import MaskGITConfig
 from movq.models.masking import mask_schedule, random_uniform
+from movq.models.pretrained import PretrainedModel
 
 # BERT / MaskGIT initialisation: truncated normal with this std, cut at ±2 std.
 INIT_STD = 0.02
@@ -76,8 +77,10 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MaskGIT(nn.Module):
+class MaskGIT(PretrainedModel):
     """The prior: ``forward(tokens [B, C, h, w], labels [B]) -> logits [B, C, h, w, K]``."""
+
+    config_class = MaskGITConfig
 
     def __init__(self, config: Union[MaskGITConfig, dict, str, None] = None):
         super().__init__()

@@ -24,6 +24,7 @@ from torch import nn
 
 from movq.config import QuantizerConfig
 from movq.kernels.vq import NORM_EPS, multichannel_vq
+from movq.utils import is_distributed
 
 _NEVER = -(2**62)  # "last used at step" of a code that has never been chosen
 
@@ -47,20 +48,23 @@ class QuantizerOutput(NamedTuple):
     usage: torch.Tensor
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(t)
     return t
 
 
 def _broadcast_(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if is_distributed():
         dist.broadcast(t, src=0)
     return t
+
+
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram ``counts [K]``: K when every code is used equally, 1 for a single
+    code; NaN for an empty histogram."""
+    probs = counts.double() / counts.sum()
+    return torch.exp(-(probs * torch.log(probs.clamp_min(1e-300))).sum()).to(torch.float32)
 
 
 def _flatten(z: torch.Tensor, channels: int, cosine: bool) -> torch.Tensor:
@@ -158,8 +162,7 @@ class MultichannelQuantizer(nn.Module):
         if self.training:
             counts = _all_reduce_(counts.clone())
             self._update_statistics(z.detach(), res.indices, counts)
-        probs = counts / counts.sum().clamp_min(1.0)
-        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+        perplexity = code_perplexity(counts)
         usage = ((self.step - self.last_used) < cfg.usage_window).float().mean()
         return QuantizerOutput(
             z_q=res.z_q,

@@ -102,15 +102,12 @@ class TokenizerLoss(nn.Module):
         logs["loss"] = loss.detach()
         return loss, logs
 
-    def discriminator_loss(
-        self, logits_real: torch.Tensor, logits_fake: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, dict]:
-        """Hinge loss for D, times disc_factor from ``disc_start`` on and 0 before."""
-        factor = self.cfg.disc_factor if self.gan_active(step) else 0.0
+    def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Hinge loss for D times ``disc_factor``; the trainer runs D only while ``gan_active(step)``."""
         d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
         logs = {
             "d_loss": d_loss.detach(),
             "logits_real": logits_real.detach().float().mean(),
             "logits_fake": logits_fake.detach().float().mean(),
         }
-        return factor * d_loss, logs
+        return self.cfg.disc_factor * d_loss, logs

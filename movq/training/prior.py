@@ -1,64 +1,58 @@
-"""The MaskGIT prior's config, checkpoints and training loop (Chang et al. 2022 on Accelerate).
+"""The MaskGIT prior's trainer (Chang et al. 2022 on Accelerate).
 
-The loop is :class:`movq.train_loop.TrainLoop` (DiT's train.py), shared with the tokenizer's trainer;
-this file fills in its hooks. The same guarantees hold: every rank reads its own share of the token
-shards; only rank 0 writes; checkpoints are atomic and a resume is bit-exact on CPU (the token
-stream is a pure function of seed and position, RNG states are restored); a non-finite loss or
-gradient skips the step; SIGINT / SIGTERM save and exit.
+One optimizer step (:meth:`PriorTrainer.train_step`) is ``train.grad_accum`` micro-batches of the
+masked-token loss (:meth:`movq.models.maskgit.MaskGIT.training_loss`), then AdamW over
+:meth:`MaskGIT.param_groups` (decay on matrices only) with linear warmup. Every ``train.eval_every``
+steps rank 0 writes a grid of samples (decoded with the tokenizer, else token maps) and an inpainting
+example from the EMA model; every ``train.fid_every`` steps all ranks compute FID when the Inception
+weights are present. The schedule around the step is :class:`movq.training.loop.TrainLoop`, with the
+same guarantees as the tokenizer's trainer: every rank reads its own share of the token shards, only
+rank 0 writes, checkpoints are atomic and a resume is bit-exact on CPU.
 
-One optimizer step is ``train.grad_accum`` micro-batches of the masked-token loss
-(:meth:`movq.maskgit.MaskGIT.training_loss`), AdamW over :meth:`MaskGIT.param_groups` (decay on
-matrices only), linear warmup. Every ``train.eval_every`` steps rank 0 writes a grid of samples
-(decoded with the tokenizer, else token maps) and an inpainting example from the EMA model;
-every ``train.fid_every`` steps all ranks compute FID when the Inception weights are present.
-
-A prior checkpoint folder (``model/`` or ``ema/``) holds ``model.safetensors`` and the resolved
-``config.yaml`` of the whole :class:`PriorConfig`; :func:`load_prior` rebuilds it.
+A checkpoint's ``model/`` and ``ema/`` are MaskGIT model folders (``MaskGIT.from_pretrained``) with
+their sampling defaults, tokenizer and class names in ``generation_config.json``
+(:mod:`movq.generation.sampler`).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from movq.config import (
-    MaskGITConfig,
-    PriorConfig,
-    load_config,
-    save_config,
-)
-from movq.data.tokens import TokenDataset, read_token_manifest, resolve_tokenizer
+from movq.config import PriorConfig
+from movq.data.tokens import TokenDataset, read_token_manifest
 from movq.evaluation.visualize import save_grid
 from movq.generation.maskgit import box_mask, generate
-from movq.models.maskgit import MaskGIT
-from movq.training.checkpoints import (
-    eval_mode,
-    list_checkpoints,
-    load_state_dict,
-    save_state_dict,
-    warmup_lambda,
+from movq.generation.sampler import (
+    SamplingDefaults,
+    batch_seed,
+    grid_columns,
+    load_tokenizer_for,
+    plan_batches,
+    rows_of,
+    sample_labels,
+    save_sampling_defaults,
+    shade_cells,
+    token_map_images,
+    tokens_to_images,
 )
-from movq.training.loop import TrainLoop
+from movq.models.maskgit import MaskGIT
+from movq.training.loop import TrainLoop, mean_micro_logs
+from movq.training.run import eval_mode, warmup_lambda
+from movq.utils import load_weights
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
-GRID_COLUMNS = 8
 # The inpainting example regenerates the centre of the token grid: half its height and width.
 INPAINT_BOX = (0.25, 0.25, 0.75, 0.75)
-
 
 
 def resolve_model_shape(cfg: PriorConfig, manifest: dict, where: str) -> PriorConfig:
@@ -87,121 +81,6 @@ def resolve_model_shape(cfg: PriorConfig, manifest: dict, where: str) -> PriorCo
     return cfg
 
 
-# --------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------
-def save_prior(model: MaskGIT, cfg: PriorConfig, directory: Union[str, os.PathLike]) -> None:
-    """``model.safetensors`` + the resolved ``config.yaml``, each written atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_state_dict(model, directory / WEIGHTS_NAME)
-    save_config(cfg, directory / CONFIG_NAME)
-
-
-def resolve_prior(path: Union[str, os.PathLike], prefer: str = "ema") -> Path:
-    """A :func:`save_prior` folder from itself, a checkpoint folder (``ema/`` or ``model/``, in the
-    order ``prefer`` says) or a run folder (its newest checkpoint)."""
-    if prefer not in ("ema", "model"):
-        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if (p / "checkpoints").is_dir():
-        found = list_checkpoints(p / "checkpoints")
-        if not found:
-            raise FileNotFoundError(f"run folder {p} has no finished checkpoint under checkpoints/")
-        p = found[-1]
-    order = ("", "ema", "model") if prefer == "ema" else ("", "model", "ema")
-    for sub in order:
-        cand = p / sub if sub else p
-        if (cand / WEIGHTS_NAME).is_file() and (cand / CONFIG_NAME).is_file():
-            return cand
-    raise FileNotFoundError(
-        f"{p} is not a prior checkpoint: expected {WEIGHTS_NAME} + {CONFIG_NAME} in it or in its ema/ or model/"
-    )
-
-
-def load_prior(path: Union[str, os.PathLike], map_location: str = "cpu", prefer: str = "ema") -> tuple[MaskGIT, PriorConfig]:
-    """Rebuild ``(MaskGIT in eval mode, PriorConfig)`` from a checkpoint; nothing is unpickled."""
-    folder = resolve_prior(path, prefer)
-    raw = yaml.safe_load((folder / CONFIG_NAME).read_text()) or {}
-    if isinstance(raw, dict) and "quantizer" in raw and "sample" not in raw:  # a TokenizerConfig
-        raise ValueError(f"{folder} holds a tokenizer (MoVQ), not a MaskGIT prior: pass it as --tokenizer, and a "
-                         "prior run (tools/train_prior.py) as --checkpoint")
-    cfg = load_config(PriorConfig, folder / CONFIG_NAME)
-    model = MaskGIT(cfg.model)
-    load_state_dict(model, folder / WEIGHTS_NAME)
-    return model.to(map_location).eval(), cfg
-
-
-def load_decoder(path: Optional[str], model_cfg: MaskGITConfig, device) -> Optional[nn.Module]:
-    """The tokenizer that decodes the prior's tokens, checked against its shape; None without a path."""
-    if not path:
-        return None
-    from movq.models.autoencoder import MoVQ
-
-    folder = resolve_tokenizer(path)
-    tok = MoVQ.from_pretrained(folder).eval().to(device)
-    q = tok.config.quantizer
-    if (q.codebook_size, q.channels) != (model_cfg.codebook_size, model_cfg.channels):
-        raise ValueError(
-            f"tokenizer {folder} has K={q.codebook_size}, C={q.channels} but the prior was trained on "
-            f"K={model_cfg.codebook_size}, C={model_cfg.channels} tokens"
-        )
-    return tok
-
-
-# --------------------------------------------------------------------------------------
-# Pictures of samples (shared with tools/sample.py)
-# --------------------------------------------------------------------------------------
-def fid_sample_batches(per_rank: int, rank: int, batch: int) -> list[tuple[int, int]]:
-    """(first global sample index, size) of ``rank``'s FID batches: rank r makes the global indices
-    ``[r * per_rank, (r + 1) * per_rank)``, so all ranks together make ``world * per_rank`` distinct ones."""
-    return [(rank * per_rank + i, min(batch, per_rank - i)) for i in range(0, per_rank, batch)]
-
-
-def class_cycle(n: int, num_classes: int, device=None) -> Optional[Tensor]:
-    """Labels ``0, 1, ..., K-1, 0, ...`` for a grid of a class-conditional model; None if unconditional."""
-    return torch.arange(n, device=device) % num_classes if num_classes > 0 else None
-
-
-@torch.no_grad()
-def decode_tokens(tokenizer: nn.Module, tokens: Tensor, batch: int = 64) -> Tensor:
-    """``int [B, C, h, w]`` → float images ``[B, 3, H, W]`` in [-1, 1] (fp32, on the tokens' device)."""
-    out = [tokenizer.decode_indices(t).float().clamp(-1, 1) for t in tokens.split(batch)]
-    return torch.cat(out)
-
-
-def token_map_images(tokens: Tensor, codebook_size: int, cell: int = 4) -> Tensor:
-    """A picture of token ids when no tokenizer is at hand: each id a fixed colour, the C channels
-    side by side; ``[B, 3, h·cell, C·w·cell]`` in [-1, 1]."""
-    palette = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (codebook_size + 1, 3)).astype(np.float32))
-    b, c, h, w = tokens.shape
-    img = palette[tokens.long().cpu().clamp(0, codebook_size)]  # [B, C, h, w, 3]
-    img = img.permute(0, 4, 2, 1, 3).reshape(b, 3, h, c * w)  # channels side by side
-    return img.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
-
-
-def shade_cells(images: Tensor, keep: Tensor) -> Tensor:
-    """Grey out masked cells, for pictures: ``keep [B or 1, h, w]`` is a bool (False = masked) or the
-    fraction of a cell's channels that are known (a partly known cell is partly grey)."""
-    H, W = images.shape[-2:]
-    m = torch.nn.functional.interpolate(keep.float()[:, None], size=(H, W), mode="nearest").to(images.device)
-    return images * m  # 0 is mid-grey in [-1, 1]
-
-
-def grid_columns(num_classes: int) -> int:
-    """One column per class when they fit on a row (a class-conditional grid reads by column)."""
-    return num_classes if 0 < num_classes <= 2 * GRID_COLUMNS else GRID_COLUMNS
-
-
-def rows_of(images: Tensor, columns: int = GRID_COLUMNS) -> list[Tensor]:
-    return list(images.split(columns))
-
-
-# --------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------
 class _TrainingLoss(nn.Module):
     """Puts ``training_loss`` behind ``forward``, so DDP's gradient hooks see the call."""
 
@@ -214,78 +93,80 @@ class _TrainingLoss(nn.Module):
 
 
 class PriorTrainer(TrainLoop):
-    """Builds everything from a ``PriorConfig``; ``fit()`` (:class:`movq.train_loop.TrainLoop`) trains
-    to ``train.max_steps``."""
+    """Builds everything from a ``PriorConfig``; ``fit()`` trains to ``train.max_steps``."""
 
     unit = "samples"
 
     def __init__(self, cfg: PriorConfig, accelerator: Optional[Accelerator] = None):
-        t = cfg.train
-        if t.grad_accum < 1 or t.max_steps < 0 or cfg.data.batch_size < 1:
-            raise ValueError("train.grad_accum and data.batch_size must be ≥ 1 and train.max_steps ≥ 0")
+        if cfg.data.batch_size < 1:
+            raise ValueError("data.batch_size must be ≥ 1")
         if not cfg.data.tokens:
             raise ValueError("data.tokens must name a token folder (made by tools/tokenize_dataset.py)")
-        manifest = read_token_manifest(cfg.data.tokens)
+        self.manifest = manifest = read_token_manifest(cfg.data.tokens)
         cfg = resolve_model_shape(cfg, manifest, cfg.data.tokens)
         made_by = manifest.get("tokenizer")
         if cfg.data.tokenizer is None and made_by and Path(made_by).is_dir():
-            cfg.data.tokenizer = made_by  # stored in the run's config for tools/sample.py
-        self._setup(cfg, accelerator)
-        acc = self.acc
+            cfg.data.tokenizer = made_by  # stored in the run's config and the sampling defaults
+        super().__init__(cfg, accelerator)
+
+    def build(self) -> None:
+        acc, cfg, t = self.acc, self.cfg, self.cfg.train
         self.data = TokenDataset(cfg.data.tokens, rank=acc.process_index, world_size=acc.num_processes,
                                  verify=cfg.data.verify)
-
-        set_seed(t.seed)  # identical initial weights on every rank
         prior = MaskGIT(cfg.model)
-        self.ema = self._make_ema(prior)
+        self.ema = self.make_ema(prior)
         opt = torch.optim.AdamW(prior.param_groups(t.weight_decay), lr=t.lr, betas=t.betas)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
-        self.model, self.opt, self.sched = acc.prepare(_TrainingLoss(prior), opt, sched)
-        self._setup_loop()
-        self.tokenizer = load_decoder(cfg.data.tokenizer, cfg.model, acc.device) if cfg.data.tokenizer else None
-        self._setup_outputs()
+        self.model, self.optimizer, self.sched = acc.prepare(_TrainingLoss(prior), opt, sched)
+        self.tokenizer = load_tokenizer_for(prior, cfg.data.tokenizer, acc.device) if cfg.data.tokenizer else None
 
     @property
     def prior(self) -> MaskGIT:
         return self.acc.unwrap_model(self.model).prior
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_weights(self, folder: Path) -> None:
-        save_prior(self.prior, self.cfg, folder / "model")
+    def write_weights(self, folder: Path) -> None:
+        defaults = SamplingDefaults(self.cfg.sample, self.cfg.data.tokenizer, self.manifest.get("tokenizer_sha256"),
+                                    list(self.manifest["classes"]))
+        for name, model in (("model", self.prior), ("ema", self.ema.model if self.ema is not None else None)):
+            if model is not None:
+                model.save_pretrained(folder / name)
+                save_sampling_defaults(folder / name, defaults)
+
+    def read_weights(self, folder: Path) -> None:
+        load_weights(self.prior, folder / "model" / "model.safetensors")
         if self.ema is not None:
-            save_prior(self.ema.model, self.cfg, folder / "ema")
+            load_weights(self.ema.model, folder / "ema" / "model.safetensors")
 
     # ------------------------------------------------------------------ one optimizer step
-    def _batches(self, start_step: int) -> Iterator[dict]:
-        return self.data.batches(self.cfg.data.batch_size, self.cfg.data.seed, start_step=start_step)
-
-    def _batch_size(self, batch: dict) -> int:
-        return batch["tokens"].shape[0]
+    def batches(self, start: int) -> Iterator[dict]:
+        return self.data.batches(self.cfg.data.batch_size, self.cfg.data.seed, start_step=start)
 
     def _labels(self, batch: dict) -> Optional[Tensor]:
         return batch["label"].to(self.acc.device) if self.cfg.model.num_classes > 0 else None
 
-    def _train_batch(self, batch: dict) -> dict:
-        acc = self.acc
-        tokens = batch["tokens"].to(acc.device, non_blocking=True)
-        with acc.accumulate(self.model):
-            with acc.autocast():
-                loss, logs = self.model(tokens, self._labels(batch))
-            acc.backward(loss)
-        return logs
-
-    def _optimizer_step(self, logs: dict) -> bool:
+    def train_step(self, micro_batches: list[dict]) -> Optional[dict]:
+        """The masked-token loss of every micro-batch, then clip, check and step."""
         acc, t = self.acc, self.cfg.train
+        micro = []
+        for batch in micro_batches:
+            tokens = batch["tokens"].to(acc.device, non_blocking=True)
+            with acc.accumulate(self.model):
+                with acc.autocast():
+                    loss, logs = self.model(tokens, self._labels(batch))
+                acc.backward(loss)
+            micro.append(logs)
+        logs = mean_micro_logs(micro)
         norm = acc.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        ok = self._step_ok(logs["loss"], norm)
+        ok = self.finite(logs["loss"], norm)
         if ok:
-            self.opt.step()
+            self.optimizer.step()
             self.sched.step()
             if self.ema is not None:
                 self.ema.update(self.prior)
-        self.opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         logs["grad_norm"] = norm
-        return ok
+        return logs if ok else None
 
     # ------------------------------------------------------------------ evaluation
     def _eval_model(self) -> MaskGIT:
@@ -301,7 +182,7 @@ class PriorTrainer(TrainLoop):
 
     def _pictures(self, tokens: Tensor) -> Tensor:
         if self.tokenizer is not None:
-            return decode_tokens(self.tokenizer, tokens).cpu()
+            return tokens_to_images(self.tokenizer, tokens).cpu()
         return token_map_images(tokens, self.cfg.model.codebook_size)
 
     @torch.no_grad()
@@ -311,7 +192,8 @@ class PriorTrainer(TrainLoop):
         out = {}
         with eval_mode(model):
             if s.grid_images > 0:
-                labels = class_cycle(s.grid_images, self.cfg.model.num_classes, dev)
+                rule = "cycle" if self.cfg.model.num_classes > 0 else "null"
+                labels = sample_labels(rule, self.cfg.model.num_classes, np.arange(s.grid_images), dev)
                 tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed)
                 out["samples"] = self.run.images / f"samples_{self.step:07d}.png"
                 save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)), out["samples"])
@@ -331,8 +213,9 @@ class PriorTrainer(TrainLoop):
 
     @torch.no_grad()
     def compute_fid(self) -> Optional[float]:
-        """FID of ``train.fid_num_images`` samples (split over ranks) against the reference
-        statistics; the reference is made from decoded training tokens when its file is missing."""
+        """FID of ``train.fid_num_images`` samples (split over ranks by the sampler's index rule, classes
+        cycling with the index) against the reference statistics; the reference is made from decoded
+        training tokens when its file is missing."""
         t = self.cfg.train
         if self.fid is None or self.tokenizer is None:
             if self.fid is not None and not getattr(self, "_fid_warned", False):
@@ -342,44 +225,28 @@ class PriorTrainer(TrainLoop):
         if self.fid.extractor() is None:  # weights missing: logged once by the tracker
             return None
         acc, model = self.acc, self._eval_model()
-        n = max(1, t.fid_num_images // acc.num_processes)
-        bs = self.cfg.data.batch_size
-        # The reference: decoded training tokens (the tokenizer's ceiling), made once when the file
-        # is missing; the generator is not consumed when the file exists.
-        n_real = min(n, len(self.data))
-        real = (decode_tokens(self.tokenizer, self.data.take(slice(i, min(i + bs, n_real)))["tokens"].to(acc.device))
+        bs, nc = self.cfg.data.batch_size, self.cfg.model.num_classes
+        plan = plan_batches(t.fid_num_images, acc.process_index, acc.num_processes, bs)
+        # The reference: decoded training tokens (the tokenizer's ceiling), as many per rank as it samples,
+        # made once when the file is missing; the generator is not consumed when the file exists.
+        n_real = min(sum(int((b < t.fid_num_images).sum()) for b in plan), len(self.data))
+        real = (tokens_to_images(self.tokenizer, self.data.take(slice(i, min(i + bs, n_real)))["tokens"].to(acc.device))
                 for i in range(0, n_real, bs))
         self.fid.ensure_reference(real)
 
         def fakes():
-            for first, m in fid_sample_batches(n, acc.process_index, bs):
-                labels = None
-                if self.cfg.model.num_classes > 0:  # global index mod classes: balanced over all ranks
-                    labels = torch.arange(first, first + m, device=acc.device) % self.cfg.model.num_classes
-                seed = t.seed * 1_000_003 + first  # one seed per global index: no two batches share noise
-                yield decode_tokens(self.tokenizer, self._sample(model, labels, m, seed))
+            for index in plan:
+                labels = sample_labels("cycle" if nc > 0 else "null", nc, index, acc.device)
+                tokens = self._sample(model, labels, len(index), batch_seed(t.seed, int(index[0])))
+                yield tokens_to_images(self.tokenizer, tokens[: int((index < t.fid_num_images).sum())])
 
         with eval_mode(model):
             return self.fid.compute(fakes())
 
     def evaluate(self) -> dict:
-        """Rank 0 writes the pictures; their paths are returned (FID: ``TrainLoop._after_step``)."""
+        """Rank 0 writes the pictures; their paths are returned (FID: ``TrainLoop._fid_record``)."""
         result = {}
         if self.acc.is_main_process:
             result.update({k: str(v) for k, v in self.write_pictures().items()})
         self.acc.wait_for_everyone()
         return result
-
-    # ------------------------------------------------------------------ logs
-    def _lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
-    def _progress_postfix(self, out: dict) -> dict:
-        return {"loss": f"{out.get('loss', math.nan):.4f}", "acc": f"{out.get('accuracy', math.nan):.3f}"}
-
-
-__all__ = [
-    "PriorTrainer", "save_prior", "load_prior", "resolve_prior", "load_decoder",
-    "resolve_model_shape", "decode_tokens", "token_map_images", "shade_cells", "class_cycle", "grid_columns",
-    "rows_of", "fid_sample_batches",
-]

@@ -1,15 +1,15 @@
 """The tokenizer's trainer (VQGAN schedule of Esser et al. 2021 on Accelerate).
 
-One optimizer step is ``train.grad_accum`` micro-batches of: a generator pass (reconstruction,
-LPIPS, quantizer and, from ``disc_start`` on, the adaptive-weighted GAN term) and a discriminator
-pass (hinge loss on real and reconstructed images). The loop owns both optimizers and the GAN
-schedule; the model and the loss are separate modules (``movq.autoencoder``, ``movq.losses``). The
-loop itself (logging, evaluation, checkpoints, resume, stopping) is :class:`movq.train_loop.TrainLoop`,
-shared with the prior; this file fills in its hooks.
+One optimizer step (:meth:`TokenizerTrainer.train_step`) is ``train.grad_accum`` micro-batches of: a
+generator pass (reconstruction, LPIPS, quantizer and, from ``disc_start`` on, the adaptive-weighted GAN
+term) and a discriminator pass (hinge loss on real and reconstructed images); then both updates. The
+model and the loss are separate modules (:mod:`movq.models.autoencoder`, :mod:`movq.training.losses`);
+the schedule around the step (logging, evaluation, checkpoints, resume, stopping) is
+:class:`movq.training.loop.TrainLoop`, shared with the prior.
 
-Guarantees (issue 3): every rank reads its own data; only rank 0 writes; checkpoints are atomic and
-a resume is bit-exact on CPU (the data stream is a pure function of seed and position, RNG states are
-restored); a non-finite loss or gradient skips the step; SIGINT / SIGTERM save and exit.
+Guarantees: every rank reads its own data; only rank 0 writes; checkpoints are atomic and a resume is
+bit-exact on CPU (the data stream is a pure function of seed and position, RNG states are restored); a
+non-finite loss or gradient skips the step; SIGINT / SIGTERM save and exit.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
 
 from movq.config import TokenizerConfig
 from movq.data.stream import build_dataloader, build_dataset, train_batches
@@ -29,18 +28,19 @@ from movq.evaluation.metrics import TokenizerMetrics
 from movq.evaluation.visualize import save_grid, save_usage_chart
 from movq.models.autoencoder import MoVQ
 from movq.models.discriminator import PatchDiscriminator
-from movq.training.checkpoints import eval_mode, save_state_dict, warmup_lambda
-from movq.training.loop import TrainLoop
+from movq.training.loop import TrainLoop, mean_micro_logs
 from movq.training.losses import TokenizerLoss
+from movq.training.run import eval_mode, warmup_lambda
+from movq.utils import load_weights, save_state_dict
 
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 8  # columns of the reconstruction grid
+DISCRIMINATOR_NAME = "discriminator.safetensors"
 
 
 class TokenizerTrainer(TrainLoop):
-    """Builds everything from a ``TokenizerConfig``; ``fit()`` (:class:`movq.train_loop.TrainLoop`)
-    trains to ``train.max_steps``."""
+    """Builds everything from a ``TokenizerConfig``; ``fit()`` trains to ``train.max_steps``."""
 
     unit = "images"
     fid_key = "val/rfid"
@@ -50,58 +50,68 @@ class TokenizerTrainer(TrainLoop):
         # error before anything trains (every run evaluates, at least at its last step).
         for split in ("train", "val"):
             build_dataset(cfg.data, split)
-        self._setup(cfg, accelerator)
-        acc, t = self.acc, cfg.train
-        set_seed(t.seed)  # identical initial weights on every rank
+        super().__init__(cfg, accelerator)
+
+    def build(self) -> None:
+        acc, cfg, t = self.acc, self.cfg, self.cfg.train
         model = MoVQ(cfg)
         disc = PatchDiscriminator(cfg.discriminator)
         self.loss_fn = TokenizerLoss(cfg.loss).to(acc.device)
-        self.ema = self._make_ema(model)
-
+        self.ema = self.make_ema(model)
         params_g = [p for p in model.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(params_g, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         opt_d = torch.optim.Adam(disc.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_lambda(t.warmup_steps))
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_lambda(t.warmup_steps))
-        (self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d) = acc.prepare(
+        (self.model, self.disc, self.optimizer, self.opt_d, self.sched_g, self.sched_d) = acc.prepare(
             model, disc, opt_g, opt_d, sched_g, sched_d
         )
-        self._setup_loop()
-        self.skipped: dict[str, int] = {}  # data skipped on this rank, by reason
-        self._setup_outputs()  # rFID against the held-out originals when train.fid_every > 0
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_weights(self, folder: Path) -> None:
+    def write_weights(self, folder: Path) -> None:
         self.acc.unwrap_model(self.model).save_pretrained(folder / "model")
         if self.ema is not None:
             self.ema.model.save_pretrained(folder / "ema")
-        save_state_dict(self.acc.unwrap_model(self.disc), folder / "discriminator.safetensors")
+        save_state_dict(self.acc.unwrap_model(self.disc).state_dict(), folder / DISCRIMINATOR_NAME)
 
-    def _state_extra(self) -> dict:
-        return {"skipped": self.skipped}
-
-    def _load_state_extra(self, state: dict) -> None:
-        self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items()}
+    def read_weights(self, folder: Path) -> None:
+        load_weights(self.acc.unwrap_model(self.model), folder / "model" / "model.safetensors")
+        if self.ema is not None:
+            load_weights(self.ema.model, folder / "ema" / "model.safetensors")
+        load_weights(self.acc.unwrap_model(self.disc), folder / DISCRIMINATOR_NAME)
 
     # ------------------------------------------------------------------ one optimizer step
-    def _batches(self, start_step: int) -> Iterator[dict]:
+    def batches(self, start: int) -> Iterator[dict]:
         acc = self.acc
-        return train_batches(self.cfg.data, rank=acc.process_index, world_size=acc.num_processes, start_step=start_step)
+        return train_batches(self.cfg.data, rank=acc.process_index, world_size=acc.num_processes, start_step=start)
 
-    def _batch_size(self, batch: dict) -> int:
-        return batch["image"].shape[0]
+    def train_step(self, micro_batches: list[dict]) -> Optional[dict]:
+        """Generator and discriminator passes of every micro-batch, then clip, check and step both."""
+        acc, t = self.acc, self.cfg.train
+        logs = mean_micro_logs([self.micro_step(b["image"].to(acc.device, non_blocking=True)) for b in micro_batches])
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        gan = "d_total" in logs
+        norm_g = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm_d = acc.clip_grad_norm_(self.disc.parameters(), max_norm) if gan else None
+        ok = self.finite(logs["loss"], norm_g, logs.get("d_total"), norm_d)
+        if ok:
+            self.optimizer.step()
+            self.sched_g.step()
+            if gan:
+                self.opt_d.step()
+                self.sched_d.step()
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.model))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=True)
+        logs["grad_norm"] = norm_g
+        if norm_d is not None:
+            logs["d_grad_norm"] = norm_d
+        return logs if ok else None
 
-    def _set_train_mode(self) -> None:
-        self.model.train()
-        self.disc.train()
-
-    def _train_batch(self, batch: dict) -> dict:
-        for reason, n in batch.get("skipped", {}).items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
-        return self._micro_step(batch["image"].to(self.acc.device, non_blocking=True))
-
-    def _micro_step(self, x: torch.Tensor) -> dict:
-        """Generator and discriminator passes on images ``x [B, 3, H, W]`` (tools/bench_train.py times this)."""
+    def micro_step(self, x: torch.Tensor) -> dict:
+        """Generator and discriminator forward and backward on images ``x [B, 3, H, W]`` (gradients
+        accumulate until ``train_step`` steps; tools/bench_train.py times this)."""
         acc, step = self.acc, self.step
         model = self.model
         gan = self.loss_fn.gan_active(step)
@@ -127,34 +137,11 @@ class TokenizerTrainer(TrainLoop):
                 with acc.autocast():
                     real = self.disc(x)
                     fake = self.disc(x_rec.detach())
-                d_loss, d_logs = self.loss_fn.discriminator_loss(real, fake, step)
+                d_loss, d_logs = self.loss_fn.discriminator_loss(real, fake)
                 acc.backward(d_loss)
                 logs.update(d_logs)
                 logs["d_total"] = d_loss.detach()
         return logs
-
-    def _optimizer_step(self, logs: dict) -> bool:
-        """Clip, check finiteness, step both optimizers; False (and no update) if non-finite."""
-        acc, t = self.acc, self.cfg.train
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        gan = "d_total" in logs
-        norm_g = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        norm_d = acc.clip_grad_norm_(self.disc.parameters(), max_norm) if gan else None
-        ok = self._step_ok(logs["loss"], norm_g, logs.get("d_total"), norm_d)
-        if ok:
-            self.opt_g.step()
-            self.sched_g.step()
-            if gan:
-                self.opt_d.step()
-                self.sched_d.step()
-            if self.ema is not None:
-                self.ema.update(acc.unwrap_model(self.model))
-        self.opt_g.zero_grad(set_to_none=True)
-        self.opt_d.zero_grad(set_to_none=True)
-        logs["grad_norm"] = norm_g
-        if norm_d is not None:
-            logs["d_grad_norm"] = norm_d
-        return ok
 
     # ------------------------------------------------------------------ evaluation
     def _eval_model(self) -> MoVQ:
@@ -211,24 +198,3 @@ class TokenizerTrainer(TrainLoop):
         with eval_mode(model):
             self.fid.ensure_reference(originals())  # computed once, then read from the cache file
             return self.fid.compute(reconstructions())
-
-    # ------------------------------------------------------------------ logs and summary
-    def _lr(self) -> float:
-        return self.sched_g.get_last_lr()[0]
-
-    def _skipped_all_ranks(self) -> dict:
-        """Skip counts summed over ranks (reasons may differ between ranks)."""
-        total: dict[str, int] = {}
-        for part in gather_object([self.skipped]):
-            for k, v in part.items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    def _train_log_extra(self) -> dict:
-        return {f"data_skipped/{k}": v for k, v in self._skipped_all_ranks().items()}
-
-    def _progress_postfix(self, out: dict) -> dict:
-        return {"loss": f"{out.get('loss', math.nan):.4f}", "img_s": f"{out['images_per_s']:.1f}"}
-
-    def _summary_extra(self) -> dict:
-        return {"data_skipped": self._skipped_all_ranks()}

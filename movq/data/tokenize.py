@@ -1,0 +1,203 @@
+"""Encoding a dataset into token shards for the priors: which images go into which output shard (a plan
+of deterministic chunks), reading a chunk's samples, and encoding them with a tokenizer.
+
+A folder's files are taken in sorted order in groups of ``shard_size``; each input shard (webdataset, or
+the built-in dataset's) is one chunk. Images are decoded and centre-cropped exactly as for validation
+(:func:`movq.data.decode.load_image`). ``movq.cli.tokenize`` runs this over ranks and writes the shards
+(:mod:`movq.data.tokens`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from movq.config import DataConfig
+from movq.data.builtin import BUILTIN_TRAIN_PHOTOS, builtin_dataset
+from movq.data.decode import IMAGE_EXTS, SkipSample, images_from_uint8, list_images, load_image
+from movq.data.shards import expand_shards, iter_tar, manifest_classes, read_manifests
+from movq.data.sources import _FolderSource, folder_classes
+from movq.data.tokens import sanitize_key
+
+log = logging.getLogger(__name__)
+
+
+SOURCES = ("builtin", "folder", "shards")
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: what gets encoded, in chunks
+# --------------------------------------------------------------------------------------
+class UnreadableShard(RuntimeError):
+    """An input shard that breaks off before its first sample (not a tar, empty, truncated)."""
+
+
+@dataclass
+class Chunk:
+    """One output shard's worth of input: image files of a folder, or one input shard."""
+
+    index: int
+    files: Optional[list[tuple[str, int]]] = None  # folder: (relative path, label)
+    shard: Optional[str] = None  # shards / builtin: the input tar
+
+
+@dataclass
+class InputPlan:
+    source: str
+    root: str  # the folder, the shard pattern, or the builtin dataset's train folder
+    chunks: list[Chunk]
+    classes: list[str]  # [] when unlabelled
+    label_from: Optional[str] = None  # "folder", "cls", "builtin_photo"
+
+
+def detect_source(data: str) -> str:
+    """``builtin`` for the word itself, ``shards`` for a .tar path or pattern, else ``folder``."""
+    if data == "builtin":
+        return "builtin"
+    if data.endswith(".tar") or "{" in data or "::" in data:
+        return "shards"
+    p = Path(data).expanduser()
+    if p.is_dir() and any(p.glob("*.tar")) and not list_images(p)[:1]:
+        return "shards"
+    return "folder"
+
+
+def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: int = 256,
+                cache_dir: Optional[str] = None, labels: Optional[bool] = None,
+                builtin_size: Optional[int] = None) -> InputPlan:
+    """List the inputs of ``data`` in deterministic chunks.
+
+    ``labels``: None = use them when the data has them (class sub-folders, a manifest's classes,
+    or for ``builtin`` the photograph each crop was cut from); False = never; True = required.
+    ``builtin_size``: crops in the builtin training split (default: ``DataConfig``'s).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if source == "folder":
+        if labels is None:  # class sub-folders give labels when there are any
+            root = Path(data).expanduser()
+            labels = root.is_dir() and folder_classes(root) is not None
+        # The training loader's folder listing and labelling: same files, checks and messages.
+        src = _FolderSource(data, labels)
+        items = list(zip(src.files, src.labels.tolist()))
+        chunks = [Chunk(j, files=items[s : s + shard_size]) for j, s in enumerate(range(0, len(items), shard_size))]
+        return InputPlan(source, str(src.root), chunks, list(src.classes) if labels else [],
+                         "folder" if labels else None)
+    if source == "builtin":
+        dc = DataConfig(source="builtin", image_size=image_size, cache_dir=cache_dir)
+        if builtin_size is not None:
+            dc.builtin_train_size = builtin_size
+        root = builtin_dataset(dc) / "train"
+        shards = expand_shards(str(root))
+        use = labels is not False
+        classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
+        return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
+                         "builtin_photo" if use else None)
+    shards = expand_shards(data)
+
+    manifests = read_manifests(shards)  # one per folder: a pattern may span several
+    classes = (manifest_classes(manifests) or []) if labels is not False else []
+    if labels and not classes:
+        raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes")
+    return InputPlan(source, data, [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
+                     "cls" if classes else None)
+
+
+def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[bytes], int, Optional[str]]]:
+    """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order.
+
+    A shard that breaks off after some samples gives those plus one ``truncated_shard`` skip; one
+    that yields no sample at all raises ``UnreadableShard`` (nothing is written for it)."""
+    if chunk.files is not None:
+        taken: set[str] = set()
+        for rel, label in chunk.files:
+            key = sanitize_key(rel.rpartition(".")[0] or rel)
+            # a.jpg beside a.png (or a.b.png beside a_b.png) must not share a key: the tar reader
+            # would merge their members into one sample and lose the other.
+            while key in taken:
+                key += "_"
+            taken.add(key)
+            try:
+                yield key, (Path(plan.root) / rel).read_bytes(), label, None
+            except OSError:
+                yield key, None, label, "io_error"
+        return
+    n = 0
+    try:
+        for key, members in iter_tar(chunk.shard):
+            n += 1
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            label, skip = -1, None if ext else "not_image"
+            if plan.label_from == "cls":
+                try:
+                    label = int(members["cls"].decode().strip())
+                    if not 0 <= label < len(plan.classes):
+                        skip = "bad_label"
+                except (KeyError, ValueError, UnicodeDecodeError):
+                    skip = "bad_label"
+            elif plan.label_from == "builtin_photo":
+                try:
+                    label = plan.classes.index(json.loads(members["json"])["photo"])
+                except (KeyError, ValueError, TypeError):
+                    skip = "bad_label"
+            yield sanitize_key(key), members.get(ext) if ext else None, label, skip
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if n == 0:  # as in the training loader: an error, not an empty token shard
+            raise UnreadableShard(f"input shard {chunk.shard} is unreadable: {type(e).__name__}: {e}") from None
+        log.warning("input shard %s breaks off (%s); using the samples before it", chunk.shard, e)
+        yield f"{chunk.index:06d}_tail", None, -1, "truncated_shard"
+
+
+def _encode(model, arrays: list, device, bf16: bool) -> np.ndarray:
+    """uint8 [B, S, S, 3] → uint16 tokens [B, C, h, w]."""
+    x = images_from_uint8(torch.from_numpy(np.stack(arrays)).to(device))  # moved as uint8: a quarter of the bytes
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        idx = model.encode(x).indices
+    return idx.to("cpu", torch.int32).numpy().astype(np.uint16)
+
+
+def encode_chunk(plan: InputPlan, chunk: Chunk, model: torch.nn.Module, *, size: int, batch_size: int, device,
+                 pool: Executor, bf16: bool = False) -> tuple[list, Counter, Counter]:
+    """All samples of one chunk, decoded by ``pool``'s threads and encoded ``batch_size`` at a time:
+    ``([(key, tokens uint16 [C, h, w], label)], skipped, converted)``."""
+    samples, skipped, converted = [], Counter(), Counter()
+
+    def decode(item):
+        key, data, label, skip = item
+        if skip is not None:
+            return key, None, label, skip, []
+        try:
+            arr, conv = load_image(data, size)
+        except SkipSample as e:
+            return key, None, label, e.reason, []
+        return key, arr, label, None, conv
+
+    keys, arrays, labels = [], [], []
+
+    def flush():
+        if arrays:
+            tokens = _encode(model, arrays, device, bf16)
+            samples.extend(zip(keys, tokens, labels))
+            keys.clear(), arrays.clear(), labels.clear()
+
+    for key, arr, label, reason, conv in pool.map(decode, iter_chunk(plan, chunk)):
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        converted.update(conv)
+        keys.append(key), arrays.append(arr), labels.append(label)
+        if len(arrays) == batch_size:
+            flush()
+    flush()
+    return samples, skipped, converted

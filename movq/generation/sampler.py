@@ -1,0 +1,150 @@
+"""From a trained prior to images: the prior with its sampling defaults and tokenizer, the one rule that
+gives every sample its global index, seed and label (shared by tools/sample.py and the trainers' FID),
+tokens decoded to images, and pictures of partly masked token maps.
+
+The index rule is DiT's ``sample_ddp.py``: N samples are drawn in iterations of a global batch
+(batch × processes); rank r draws indices ``i·B·W + r·B + [0, B)`` in iteration i, and indices ≥ N are
+not drawn. A batch's noise is seeded by (seed, its first index), so a sample is redrawn identically whenever the
+seed and batch size are the same.
+
+A prior's model folder may hold ``generation_config.json`` beside its ``config.json``: the sampling
+defaults (``movq.config.SampleConfig``), the tokenizer that decodes its tokens (path and sha256) and the
+class names of its training data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from movq.config import PriorConfig, SampleConfig, load_config, to_dict
+from movq.models.autoencoder import MoVQ
+from movq.models.maskgit import MaskGIT
+from movq.models.pretrained import LEGACY_CONFIG_NAME, resolve_model_dir
+from movq.utils import PathLike, atomic_write
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+GRID_COLUMNS = 8
+
+
+# --------------------------------------------------------------------------------------
+# A prior and what it needs to sample
+# --------------------------------------------------------------------------------------
+@dataclass
+class SamplingDefaults:
+    """What a prior's folder says about sampling it: settings, tokenizer, classes (all optional)."""
+
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tokenizer: Optional[str] = None  # the MoVQ folder that made (and decodes) the training tokens
+    tokenizer_sha256: Optional[str] = None  # of that tokenizer's weights, when the tokens were made
+    classes: list[str] = field(default_factory=list)
+
+
+def save_sampling_defaults(folder: PathLike, defaults: SamplingDefaults) -> None:
+    atomic_write(Path(folder) / GENERATION_CONFIG_NAME, json.dumps(to_dict(defaults), indent=1) + "\n")
+
+
+def load_sampling_defaults(folder: PathLike) -> SamplingDefaults:
+    """From ``generation_config.json``, or from a legacy ``config.yaml`` (the whole prior run config)."""
+    folder = Path(folder)
+    path = folder / GENERATION_CONFIG_NAME
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        return SamplingDefaults(load_config(SampleConfig, raw.get("sample") or {}), raw.get("tokenizer"),
+                                raw.get("tokenizer_sha256"), list(raw.get("classes") or []))
+    if (folder / LEGACY_CONFIG_NAME).is_file():
+        cfg = load_config(PriorConfig, yaml.safe_load((folder / LEGACY_CONFIG_NAME).read_text()) or {})
+        return SamplingDefaults(cfg.sample, cfg.data.tokenizer)
+    return SamplingDefaults()
+
+
+def load_prior(path: PathLike, map_location: str = "cpu", prefer: str = "ema") -> tuple[MaskGIT, SamplingDefaults]:
+    """``(MaskGIT in eval mode, its sampling defaults)`` from a model, checkpoint or run folder."""
+    folder = resolve_model_dir(path, kind="MaskGIT", prefer=prefer)
+    return MaskGIT.from_pretrained(folder, map_location), load_sampling_defaults(folder)
+
+
+def load_tokenizer_for(prior: MaskGIT, path: PathLike, device) -> MoVQ:
+    """The tokenizer that decodes ``prior``'s tokens (a model, checkpoint or run folder), checked to have the
+    prior's codebook size and channels."""
+    tok = MoVQ.from_pretrained(path).to(device)
+    q, m = tok.config.quantizer, prior.config
+    if (q.codebook_size, q.channels) != (m.codebook_size, m.channels):
+        raise ValueError(f"tokenizer {path} has K={q.codebook_size}, C={q.channels} but the prior was trained on "
+                         f"K={m.codebook_size}, C={m.channels} tokens")
+    return tok
+
+
+# --------------------------------------------------------------------------------------
+# Which sample is which
+# --------------------------------------------------------------------------------------
+def plan_batches(n: int, rank: int, world: int, batch: int) -> list[np.ndarray]:
+    """The global indices of ``rank``'s batches, in order: iteration i draws ``i·B·W + r·B + [0, B)``.
+    Every batch is whole (its noise does not depend on ``n``) and starts below ``n``; its indices ≥ ``n``
+    are drawn and dropped. Over all ranks every index in ``[0, n)`` is drawn once."""
+    return [np.arange(start, start + batch) for start in range(rank * batch, n, batch * world)]
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """The generator seed of the batch that starts at global index ``first_index``."""
+    return int(np.random.SeedSequence([seed % 2**32, first_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_labels(rule: str, num_classes: int, index: np.ndarray, device) -> Optional[Tensor]:
+    """Class labels of the samples with global indices ``index``: ``"cycle"`` (index mod num_classes),
+    ``"class K"`` (all K) or ``"null"`` (None: the unconditional null class)."""
+    if rule == "null":
+        return None
+    if rule == "cycle":
+        return torch.from_numpy(index % num_classes).to(device)
+    if rule.startswith("class "):
+        return torch.full((len(index),), int(rule.split()[1]), dtype=torch.long, device=device)
+    raise ValueError(f"label rule must be 'null', 'cycle' or 'class K', got {rule!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Tokens to pictures
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def tokens_to_images(tokenizer: nn.Module, tokens: Tensor, batch: int = 64) -> Tensor:
+    """``int [B, C, h, w]`` → float images ``[B, 3, H, W]`` in [-1, 1] (fp32, on the tokens' device)."""
+    return torch.cat([tokenizer.decode_indices(t).float().clamp(-1, 1) for t in tokens.split(batch)])
+
+
+def token_map_images(tokens: Tensor, codebook_size: int, cell: int = 4) -> Tensor:
+    """A picture of token ids when no tokenizer is at hand: each id a fixed colour, the C channels
+    side by side; ``[B, 3, h·cell, C·w·cell]`` in [-1, 1]."""
+    palette = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (codebook_size + 1, 3)).astype(np.float32))
+    b, c, h, w = tokens.shape
+    img = palette[tokens.long().cpu().clamp(0, codebook_size)]  # [B, C, h, w, 3]
+    img = img.permute(0, 4, 2, 1, 3).reshape(b, 3, h, c * w)  # channels side by side
+    return img.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+
+
+def shade_cells(images: Tensor, keep: Tensor) -> Tensor:
+    """Grey out masked cells, for pictures: ``keep [B or 1, h, w]`` is a bool (False = masked) or the
+    fraction of a cell's channels that are known (a partly known cell is partly grey)."""
+    H, W = images.shape[-2:]
+    m = torch.nn.functional.interpolate(keep.float()[:, None], size=(H, W), mode="nearest").to(images.device)
+    return images * m  # 0 is mid-grey in [-1, 1]
+
+
+def grid_columns(num_classes: int) -> int:
+    """One column per class when they fit on a row (a class-conditional grid reads by column)."""
+    return num_classes if 0 < num_classes <= 2 * GRID_COLUMNS else GRID_COLUMNS
+
+
+def rows_of(images: Tensor, columns: int = GRID_COLUMNS) -> list[Tensor]:
+    return list(images.split(columns))
+
+
+def with_sample_overrides(sample: SampleConfig, **overrides) -> SampleConfig:
+    """``sample`` with the given fields replaced where the value is not None (command-line flags)."""
+    return dataclasses.replace(sample, **{k: v for k, v in overrides.items() if v is not None})

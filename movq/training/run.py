@@ -1,0 +1,200 @@
+"""What a training run is made of besides its models: the run folder, the Accelerator, the guard that
+skips non-finite steps, the flag that SIGINT / SIGTERM raise, and a context for evaluating in eval mode.
+
+* ``RunDir`` — ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``images/`` of one run; only rank 0
+  writes.
+* ``StepGuard`` — skips and counts steps whose loss or gradients are not finite, and aborts with a
+  clear message after too many in a row.
+* ``StopFlag`` — SIGINT / SIGTERM ask the loop to save and exit at the end of the current step, on
+  every rank at once.
+* ``eval_mode`` — evaluate a model in eval mode and give every submodule its own mode back, even when
+  the evaluation raises.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+
+from movq.config import save_config
+from movq.utils import PathLike, atomic_write, is_distributed
+
+log = logging.getLogger(__name__)
+
+
+
+def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
+    """The trainers' Accelerator. CPU runs need ``cpu=True`` explicitly, or ranks under torchrun would
+    not synchronise. The schedulers step once per optimizer step (Accelerate would otherwise step them
+    once per process, making ``train.warmup_steps`` N times shorter on N GPUs)."""
+    if train_cfg.mixed_precision == "fp16":
+        raise ValueError(
+            "train.mixed_precision=fp16 is not supported: fp16 needs a loss scaler, which skips overflowing "
+            "steps itself, while these trainers skip and count non-finite steps (train.max_bad_steps) and the "
+            "tokenizer steps two optimizers per scaler update. Use bf16 (Ampere or newer GPUs) or no")
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        step_scheduler_with_optimizer=False,
+        log_with=list(train_cfg.trackers) or None,
+        project_dir=project_dir,
+    )
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear LR warmup from 1/warmup to 1 over ``warmup_steps`` optimizer steps, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+
+class RunDir:
+    """The folder of one run. Every method is a no-op on ranks other than 0."""
+
+    def __init__(self, root: PathLike, is_main: bool):
+        self.root = Path(root)
+        self.is_main = is_main
+        self.checkpoints = self.root / "checkpoints"
+        self.images = self.root / "images"
+        if is_main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.images.mkdir(parents=True, exist_ok=True)
+
+    def save_config(self, cfg: Any) -> None:
+        if self.is_main:
+            save_config(cfg, self.root / "config.yaml")
+
+    def log_metrics(self, step: int, kind: str, values: dict) -> None:
+        """Append one JSON object per event to metrics.jsonl (``step``, ``kind`` and every term)."""
+        if not self.is_main:
+            return
+        record = {"step": step, "kind": kind}
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            record[k] = v
+        with open(self.root / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewind_metrics(self, step: int) -> int:
+        """After a resume at ``step``: move the records of later steps (logged by the run that was
+        interrupted or abandoned) from metrics.jsonl to metrics.abandoned.jsonl. Returns how many."""
+        path = self.root / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return 0
+        keep, later = [], []
+        for line in path.read_text().splitlines():
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a torn last line: keep it where it is
+                record_step = -1
+            (later if record_step > step else keep).append(line)
+        if later:
+            with open(self.root / "metrics.abandoned.jsonl", "a") as f:
+                f.write("".join(line + "\n" for line in later))
+            atomic_write(path, "".join(line + "\n" for line in keep))
+        return len(later)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class StepGuard:
+    """Decides whether a step's loss and gradient norms are finite; counts and bounds the skips."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+
+    def check(self, *values: torch.Tensor) -> bool:
+        """True if every value is finite on every rank (the step may proceed); else count a skip.
+
+        The verdict is agreed across ranks: a loss that is non-finite on one rank only must not let
+        that rank skip an update the others take, or their weights would drift apart."""
+        ok = all(bool(torch.isfinite(v).all()) for v in values if v is not None)
+        if is_distributed():
+            device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+            flag = torch.tensor([1.0 if ok else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item() > 0)
+        if ok:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.max_in_a_row:
+            raise NonFiniteError(
+                f"{self.in_a_row} non-finite steps in a row (train.max_bad_steps={self.max_in_a_row}); "
+                "aborting. The last good checkpoint is untouched; lower the LR or check the data."
+            )
+        return False
+
+    def state_dict(self) -> dict:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; ``should_stop()`` agrees across ranks (any rank's signal stops all)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum: Optional[int] = None  # the signal this process got, if any
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. some test runners): no signal handling
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
+        self.requested, self.signum = True, signum
+
+    def should_stop(self, device: torch.device) -> bool:
+        if not is_distributed():
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``with eval_mode(model):`` runs the body with ``model.eval()`` and then restores each submodule's
+    own ``training`` flag (a frozen LPIPS inside a training model stays in eval mode), also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def mean_logs(history: list[dict]) -> dict:
+    """Average each logged scalar over the steps since the last log."""
+    out: dict = {}
+    for key in {k for h in history for k in h}:
+        vals = [float(h[key]) for h in history if key in h]  # never empty: the key came from history
+        out[key] = sum(vals) / len(vals)
+    return out
