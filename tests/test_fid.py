@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from movq.cli import fid as cli
-from movq.data.decode import images_to_uint8
+from movq.data.decode import decode_image, images_to_uint8, to_rgb
 from movq.evaluation import fid
 from movq.evaluation.fid import FeatureAccumulator, FIDTracker, frechet_distance
 from movq.evaluation.fid_sources import FIDError, FIDStats, open_source
@@ -167,7 +167,9 @@ def test_folder_source_converts_and_skips(tmp_path, caplog):
     assert report.skipped == 1 and "broken.jpg" in caplog.text
     assert report.converted == {"L": 1, "RGBA": 1, "P": 1, "I;16": 1}
     by_name = dict(zip([p.name for p in source.paths if p.name != "broken.jpg"], images))
-    assert np.array_equal(by_name["rgba.png"], rgb)  # alpha dropped
+    # the training decoder's pixels: alpha over white, as the tokenizer was trained on them
+    assert np.array_equal(by_name["rgba.png"], np.asarray(decode_image((tmp_path / "d" / "rgba.png").read_bytes())[0]))
+    assert by_name["rgba.png"].min() > 240  # nearly transparent: almost white
     assert np.array_equal(by_name["gray.png"], np.repeat(rgb[..., :1], 3, axis=2))
     assert np.array_equal(by_name["deep.png"], by_name["gray.png"])  # 16-bit scaled, not clipped
     split, _ = _all(source, world=2)  # two ranks: each image once
@@ -186,8 +188,12 @@ def test_npz_source(tmp_path):
         assert source.kind == "npz" and source.total == 5
         out, report = _all(source, world=2)
         assert len(out) == 5 and report.converted == converted
-        if name != "gray":
+        if name == "rgb":
             assert sorted(o.tobytes() for o in out) == sorted(i.tobytes() for i in imgs)
+        if name == "rgba":  # as an RGBA file of these pixels would decode: over white
+            over_white = [np.asarray(to_rgb(Image.fromarray(i, "RGBA"))[0]).tobytes()
+                          for i in np.concatenate([imgs, imgs[..., :1]], axis=3)]
+            assert sorted(o.tobytes() for o in out) == sorted(over_white)
     assert len(_all(open_source(tmp_path / "rgb.npz"), world=2, max_images=3)[0]) == 3
 
 

@@ -210,7 +210,7 @@ rank = trainer.acc.process_index
 assert sample_tool.main(["--checkpoint", str(out / "run"), "--num-samples", "5", "--out", str(out / "s"),
                             "--batch-size", "2", "--cpu"]) == 0
 json.dump({"world": trainer.acc.num_processes, "params": flat.tolist()[:500], "sum": float(flat.double().sum()),
-           "data": sorted(map(str, trainer.data.tokens.flatten(1).tolist()))}, open(out / f"rank{rank}.json", "w"))
+           "data": sorted(map(str, trainer.data.take(slice(None))["tokens"].flatten(1).tolist()))}, open(out / f"rank{rank}.json", "w"))
 """
 
 

@@ -137,12 +137,13 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
     Image.new("RGB", (16, 12)).save(image)
     base = ["--num-samples", 2, "--out", tmp_path / "o"]
     cases = [
-        (["--checkpoint", tmp_path / "missing"], "checkpoint"),
+        (["--checkpoint", tmp_path / "missing"], "--checkpoint"),
         (["--checkpoint", ckpt, "--class-label", 3], "--class-label 3 is outside [0, 3)"),
         (["--checkpoint", ckpt, "--edit", tmp_path / "none.png", "--box", "0,0,4,4"], "no such file"),
         (["--checkpoint", ckpt, "--edit", image, "--box", "4,2,40,8"], "must satisfy 0 <= x0 < x1 <= 16"),
         (["--checkpoint", ckpt, "--edit", image, "--box", "0,2,2,8"], "outside the centre square"),
-        (["--checkpoint", ckpt, "--tokenizer", tmp_path], "not a tokenizer checkpoint"),
+        (["--checkpoint", ckpt, "--tokenizer", tmp_path], "--tokenizer"),
+        (["--checkpoint", ckpt, "--tokenizer", tmp_path], "is not a model folder"),
         (["--checkpoint", ckpt.parent / "tok"], "holds a tokenizer (MoVQ), not a MaskGIT prior"),
     ]
     for extra, message in cases:

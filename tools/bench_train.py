@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         trainer.step = 0 if args.no_gan else cfg.loss.disc_start
         B, S = cfg.data.batch_size, cfg.data.image_size
         gen = torch.Generator().manual_seed(0)
-        x = (torch.rand(B, 3, S, S, generator=gen) * 2 - 1).to(acc.device)
+        batch = {"image": (torch.rand(B, 3, S, S, generator=gen) * 2 - 1).to(acc.device), "label": torch.zeros(B)}
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         times = []
         for i in range(args.warmup + args.steps):
@@ -64,10 +64,8 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             sync()
             t0 = time.perf_counter()
-            # Private hooks: no public one-step API, and fit() would add data loading, logging, eval, checkpoints.
-            for _ in range(cfg.train.grad_accum):
-                logs = trainer._micro_step(x)
-            trainer._optimizer_step(logs)
+            # One optimizer step on a fixed batch: fit() would add data loading, logging, eval and checkpoints.
+            trainer.train_step([batch] * cfg.train.grad_accum)
             sync()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)

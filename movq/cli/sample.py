@@ -157,6 +157,16 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     return x, tokens, known, box
 
 
+def _resolve(flag: str, path, kind: str, prefer: str = "ema"):
+    """The model folder ``path`` names, or a ``SampleError`` that names the flag."""
+    from movq.models.pretrained import resolve_model_dir
+
+    try:
+        return resolve_model_dir(path, kind=kind, prefer=prefer)
+    except (OSError, ValueError) as e:
+        raise SampleError(f"{flag} {path}: {e}") from None
+
+
 def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
     """Resume only samples made the same way: OUT/.sample_spec.json records how; returns an error."""
     out.mkdir(parents=True, exist_ok=True)
@@ -196,12 +206,12 @@ def main(argv=None) -> int:
         shade_cells,
         tokens_to_images,
     )
-    from movq.models.pretrained import WEIGHTS_NAME, resolve_model_dir
+    from movq.models.pretrained import WEIGHTS_NAME
 
     acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
     try:
-        prior_dir = resolve_model_dir(args.checkpoint, kind="MaskGIT", prefer=args.model)
+        prior_dir = _resolve("--checkpoint", args.checkpoint, "MaskGIT", args.model)
         model, defaults = load_prior(prior_dir, map_location=str(dev))
         nc = model.num_classes
         if nc == 0 and args.class_label is not None:
@@ -211,7 +221,7 @@ def main(argv=None) -> int:
         tok_path = args.tokenizer or defaults.tokenizer
         if not tok_path:
             raise SampleError("no tokenizer to decode the tokens: pass --tokenizer (a MoVQ checkpoint folder)")
-        tok_dir = resolve_model_dir(tok_path, kind="MoVQ")
+        tok_dir = _resolve("--tokenizer", tok_path, "MoVQ")
         tokenizer = load_tokenizer_for(model, tok_dir, dev)
         edit = _edit_source(args, tokenizer, model.config.grid_hw, dev) if args.edit else None
     except (SampleError, FileNotFoundError, ValueError) as e:

@@ -97,8 +97,8 @@ def resolve_model_dir(path: PathLike, kind: Optional[str] = None, prefer: str = 
     if kind is not None:
         found_kind, _ = read_model_config(folder)
         if found_kind != kind:
-            what = {"MoVQ": "a tokenizer (MoVQ)", "MaskGIT": "a MaskGIT prior"}.get(found_kind, f"a {found_kind}")
-            raise ValueError(f"{folder} holds {what}, not a {kind}")
+            name = {"MoVQ": "a tokenizer (MoVQ)", "MaskGIT": "a MaskGIT prior"}
+            raise ValueError(f"{folder} holds {name.get(found_kind, f'a {found_kind}')}, not {name.get(kind, kind)}")
     return folder
 
 
@@ -130,7 +130,7 @@ class PretrainedModel(nn.Module):
             model = cls(load_config(cls.config_class, arch))
         except (ConfigError, ValueError) as e:
             raise ValueError(f"{folder}: the config does not describe a {cls.__name__}: {e}") from None
-        state = read_state_dict(folder / WEIGHTS_NAME, device=map_location)
+        state = read_state_dict(folder / WEIGHTS_NAME)  # on the CPU: load_state_dict copies into the model
         own = model.state_dict()
         bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         missing = [k for k in own if k not in state]
