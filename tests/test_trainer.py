@@ -78,8 +78,12 @@ def test_resume_is_bit_exact(tmp_path, cache):
     ea, eb = straight.ema.model.state_dict(), resumed.ema.model.state_dict()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     # the saved EMA weights are a loadable tokenizer
-    model = MoVQ.from_pretrained(tmp_path / "a" / "checkpoints" / "0000006" / "ema")
+    ckpt = tmp_path / "a" / "checkpoints" / "0000006"
+    model = MoVQ.from_pretrained(ckpt / "ema")
     assert all(torch.equal(model.state_dict()[k], ea[k]) for k in ea)
+    # each weight is stored once: model/, ema/ and discriminator.safetensors, no Accelerate copies beside them
+    assert sorted(p.name for p in ckpt.glob("*.safetensors")) == ["discriminator.safetensors"]
+    assert (ckpt / "model" / "model.safetensors").is_file() and (ckpt / "optimizer.bin").is_file()
 
 
 def test_nan_loss_is_skipped_then_aborts(tmp_path, cache, monkeypatch):

@@ -6,7 +6,7 @@
         --source-config vqgan_imagenet_f16_16384/configs/model.yaml
 
 SRC is a diffusers VQModel folder (config.json + diffusion_pytorch_model.safetensors|.bin) or a
-MoVQGAN / taming .ckpt, .pt, .bin or .safetensors state dict. DST gets model.safetensors, config.yaml
+MoVQGAN / taming .ckpt, .pt, .bin or .safetensors state dict. DST gets model.safetensors, config.json
 and conversion.json; load it with ``MoVQ.from_pretrained(DST)``. Exit status 2 on any error.
 """
 from __future__ import annotations

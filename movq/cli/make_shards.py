@@ -20,7 +20,6 @@ headers, so the same input gives byte-identical shards.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import multiprocessing
@@ -39,6 +38,7 @@ from PIL import Image
 from movq.data.decode import SkipSample, crop_square, decode_image, is_image_file, walk_files
 from movq.data.shards import MANIFEST_NAME, ShardWriter, read_manifest, write_manifest
 from movq.data.sources import folder_classes
+from movq.utils import sha256_file
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -187,7 +187,7 @@ def verify(out) -> list[str]:
         path = Path(out) / s["name"]
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != s["sha256"]:
+        elif sha256_file(path) != s["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
     return problems
 
