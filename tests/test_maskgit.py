@@ -171,3 +171,27 @@ def test_tiny_prior_overfits():
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert end < 0.3 * start, (start, end)
+
+
+def test_save_pretrained_round_trip_and_old_prior_folders(tmp_path):
+    from movq.config import PriorConfig, load_config, save_config
+    from movq.generation.sampler import load_prior
+    from movq.utils import save_state_dict
+
+    cfg = MaskGITConfig(codebook_size=16, channels=2, grid=4, num_classes=3, width=32, depth=1, heads=2)
+    torch.manual_seed(0)
+    model = MaskGIT(cfg).eval()
+    model.save_pretrained(tmp_path / "new")
+    loaded = MaskGIT.from_pretrained(tmp_path / "new")
+    tokens = torch.randint(0, 17, (2, 2, 4, 4))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens)) and loaded.config == cfg
+    # a prior folder as written before format 1: model.safetensors + the whole PriorConfig as config.yaml
+    old = load_config(PriorConfig, {"model": vars(cfg), "data": {"tokenizer": "runs/tok"}, "sample": {"steps": 3}})
+    (tmp_path / "old").mkdir()
+    save_state_dict(model.state_dict(), tmp_path / "old" / "model.safetensors")
+    save_config(old, tmp_path / "old" / "config.yaml")
+    legacy, defaults = load_prior(tmp_path / "old")
+    with torch.no_grad():
+        assert torch.equal(legacy(tokens), model(tokens))
+    assert defaults.sample.steps == 3 and defaults.tokenizer == "runs/tok"
