@@ -1,0 +1,1 @@
+"""Evaluation: judging generated images."""
