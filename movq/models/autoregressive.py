@@ -53,15 +53,15 @@ LN_EPS = 1e-5  # nanoGPT / GPT-2
 
 @dataclass
 class AutoregressiveConfig:
-    """Shape and objective of the prior. Defaults: taming's class-conditional ImageNet GPT
-    (24 layers, 16 heads, width 1536) on MoVQ's 16×16×4 tokens."""
+    """Shape and objective of the prior. Defaults: the GPT of taming's faces configs (24 layers, 16
+    heads, width 1664) on MoVQ's 16×16×4 tokens."""
 
     codebook_size: int = 1024  # K
     channels: int = 4  # C, tokens per cell
     grid: Union[int, tuple[int, int]] = 16  # h = w, or (h, w): the training grid
     num_classes: int = 1000  # 0 = unconditional; id num_classes is the null class
     factorization: Literal["flat", "cell", "depth"] = "depth"
-    width: int = 1536
+    width: int = 1664
     depth: int = 24  # spatial transformer layers
     depth_layers: int = 2  # layers of the depth transformer (factorization=depth only)
     heads: int = 16
