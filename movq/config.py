@@ -108,16 +108,17 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from. ``source``: builtin (offline default), folder or shards."""
+    """Where images come from. ``source``: builtin (offline default), shapes (offline, labelled:
+    ``movq.data.shapes``), folder or shards."""
 
-    source: Literal["builtin", "folder", "shards"] = "builtin"
+    source: Literal["builtin", "shapes", "folder", "shards"] = "builtin"
     train: Optional[str] = None  # folder path or shard pattern (brace patterns allowed)
     val: Optional[str] = None
     image_size: int = 256
     batch_size: int = 8  # per process
     num_workers: int = 2
     cache_dir: Optional[str] = None  # builtin dataset shards; default $MOVQ_CACHE_DIR or ~/.cache/movq
-    builtin_train_size: int = 2048  # random crops made for the builtin training split
+    builtin_train_size: int = 2048  # images made for the training split of builtin (crops) or shapes
     builtin_val_size: int = 64
     # Samples per training epoch over all ranks (each rank yields epoch_length // (batch_size *
     # world_size) batches). Default: the dataset size (file count or manifest count).

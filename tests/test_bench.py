@@ -109,3 +109,41 @@ def test_bench_sampling_quick_keeps_the_committed_fields(tmp_path):
     methods = {(r["method"], r["steps"]) for r in report["results"]}
     assert methods == {("maskgit", 2), ("autoregressive", 16)}
     assert report["results"][0]["ratio_to_autoregressive"] > 0
+
+
+def test_bench_ar_window_quick_keeps_the_committed_fields(tmp_path):
+    bench = importlib.import_module("bench_ar_window")
+    out = tmp_path / "w.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert_fields_kept(report, "ar_window_cpu.json")
+    rows = {(r["grid"], r["window"]): r for r in report["cached_sampling"]}
+    # the windowed cache does not grow with the grid; the full one does
+    assert rows[(4, 4)]["kv_cache_bytes"] == rows[(8, 4)]["kv_cache_bytes"]
+    assert rows[(8, "full")]["kv_cache_bytes"] == 4 * rows[(4, "full")]["kv_cache_bytes"]
+    assert [r["grid"] for r in report["sliding_window_large"]] == [4, 8]
+
+
+def test_compare_ar_keeps_the_committed_fields(tmp_path):
+    from collections import Counter
+
+    import numpy as np
+
+    from movq.data.tokens import finish_shard, prepare_output, write_token_manifest
+
+    rng = np.random.default_rng(0)
+    for name in ("train", "val"):
+        folder = tmp_path / name
+        prepare_output(folder, {"channels": 2, "height": 2, "width": 3, "codebook_size": 8, "classes": ["a", "b"]})
+        samples = [(f"{i:04d}", rng.integers(0, 8, (2, 2, 3)).astype(np.uint16), i % 2) for i in range(6)]
+        finish_shard(folder, 0, samples, Counter(), Counter())
+        write_token_manifest(folder, 1)
+    bench = importlib.import_module("compare_ar")
+    out = tmp_path / "c.json"
+    assert bench.main(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--steps", "2",
+                       "--batch", "4", "--width", "16", "--depth", "1", "--heads", "2", "--sample-batch", "2",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert_fields_kept(report, "ar_factorization_cpu.json")
+    assert [r["factorization"] for r in report["results"]] == ["flat", "cell", "depth"]
+    assert all(0 < r["val_bits_per_token"] < 10 for r in report["results"])

@@ -138,6 +138,17 @@ def test_builtin_pseudo_labels(tmp_path, tok):
     assert (TokenDataset(tmp_path / "u").labels == -1).all()
 
 
+def test_shapes_labels(tmp_path, tok):
+    from movq.data.shapes import SHAPE_CLASSES
+
+    out = tmp_path / "tokens"
+    assert run_tool("--tokenizer", tok, "shapes", out, "--builtin-size", "16", "--cache-dir", tmp_path / "cache") == 0
+    m = read_token_manifest(out)
+    assert m["classes"] == list(SHAPE_CLASSES) and m["count"] == 16 and m["source"] == "shapes"
+    ds = TokenDataset(out)
+    assert sorted(ds.labels.tolist()) == sorted(i % len(SHAPE_CLASSES) for i in range(16))  # .cls of each image
+
+
 def test_plan_shards_in_several_folders(tmp_path):
     """Classes come from every folder's manifest, not only the first shard's folder."""
     from movq.data.shards import ShardWriter, write_manifest

@@ -1,14 +1,16 @@
 """Encode a dataset into token shards with a trained MoVQ tokenizer (for training the prior).
 
     accelerate launch tools/tokenize_dataset.py --tokenizer CKPT DATA OUT [--batch-size N]
-        [--image-size S] [--source folder|shards|builtin] [--shard-size 1000] [--no-labels]
+        [--image-size S] [--source folder|shards|builtin|shapes] [--shard-size 1000] [--no-labels]
     python tools/tokenize_dataset.py --tokenizer runs/tiny builtin runs/tiny/tokens
 
 CKPT is a tokenizer model folder (model.safetensors + config.json), a checkpoint folder (its ema/ is
 used, else model/) or a run folder (its newest checkpoint). DATA is an image folder (class
 sub-folders give labels), webdataset shards (a folder of .tar, a .tar or a brace pattern; labels
 from .cls when the manifest lists classes), or the word ``builtin``: the offline dataset's training
-crops, labelled by the photograph each crop was cut from (14 classes).
+crops, labelled by the photograph each crop was cut from (14 classes), or the word ``shapes``: the
+shapes dataset's training split (movq/data/shapes.py, 8 shape classes; its val split is the folder
+``val/`` beside it, given as shards).
 
 Images are centre-cropped to the largest square and resized to S (default: the tokenizer's
 resolution), as for validation. Each output shard (OUT/tokens-NNNNNN.tar, see movq/data/tokens.py) is
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, metavar="CKPT", help="tokenizer, checkpoint or run folder")
-    p.add_argument("data", metavar="DATA", help="image folder, shards, or 'builtin'")
+    p.add_argument("data", metavar="DATA", help="image folder, shards, 'builtin' or 'shapes'")
     p.add_argument("out", metavar="OUT", help="output folder for the token shards")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (per process)")
     p.add_argument("--image-size", type=int, help="crop size (default: the tokenizer's model.resolution)")
@@ -61,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace the tokens in OUT if they were made with other settings (else refused)")
     p.add_argument("--no-labels", action="store_true", help="ignore class labels (unconditional prior)")
     p.add_argument("--cache-dir", help="builtin dataset cache (default $MOVQ_CACHE_DIR or ~/.cache/movq)")
-    p.add_argument("--builtin-size", type=int, help="crops in the builtin training split (default 2048)")
+    p.add_argument("--builtin-size", type=int,
+                   help="images in the builtin or shapes training split (default 2048)")
     p.add_argument("--workers", type=int, default=4, help="threads decoding images")
     p.add_argument("--bf16", action="store_true", help="run the encoder under bf16 autocast (CUDA)")
     p.add_argument("--cpu", action="store_true", help="force CPU (needed for a multi-process CPU run)")

@@ -230,8 +230,12 @@ def _source(cfg: DataConfig, split: str, labels: bool):
             raise ValueError("the builtin dataset has no class labels; use data.source=folder or shards")
         root = builtin_dataset(cfg) / split
         return _ShardSource(str(root), labels)  # a folder stands for its .tar files
+    if cfg.source == "shapes":  # labelled: the manifests list the shape classes
+        from movq.data.shapes import shapes_split
+
+        return _ShardSource(str(shapes_split(cfg, split)), labels)
     if cfg.source not in ("folder", "shards"):
-        raise ValueError(f"data.source must be builtin, folder or shards, got {cfg.source!r}")
+        raise ValueError(f"data.source must be builtin, shapes, folder or shards, got {cfg.source!r}")
     path = getattr(cfg, split)
     if not path:
         raise ValueError(f"data.{split} must be set for data.source={cfg.source}")

@@ -24,6 +24,7 @@ import torch
 from movq.config import DataConfig
 from movq.data.builtin import BUILTIN_TRAIN_PHOTOS, builtin_dataset
 from movq.data.decode import IMAGE_EXTS, SkipSample, images_from_uint8, list_images, load_image
+from movq.data.shapes import shapes_split
 from movq.data.shards import expand_shards, iter_tar, manifest_classes, read_manifests
 from movq.data.sources import _FolderSource, folder_classes
 from movq.data.tokens import sanitize_key
@@ -31,7 +32,7 @@ from movq.data.tokens import sanitize_key
 log = logging.getLogger(__name__)
 
 
-SOURCES = ("builtin", "folder", "shards")
+SOURCES = ("builtin", "shapes", "folder", "shards")
 
 
 # --------------------------------------------------------------------------------------
@@ -60,9 +61,9 @@ class InputPlan:
 
 
 def detect_source(data: str) -> str:
-    """``builtin`` for the word itself, ``shards`` for a .tar path or pattern, else ``folder``."""
-    if data == "builtin":
-        return "builtin"
+    """``builtin`` / ``shapes`` for the words themselves, ``shards`` for a .tar path or pattern, else ``folder``."""
+    if data in ("builtin", "shapes"):
+        return data
     if data.endswith(".tar") or "{" in data or "::" in data:
         return "shards"
     p = Path(data).expanduser()
@@ -104,6 +105,11 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
         classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
         return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
                          "builtin_photo" if use else None)
+    if source == "shapes":  # shards whose manifest lists the classes: read as any such shards
+        dc = DataConfig(source="shapes", image_size=image_size, cache_dir=cache_dir)
+        if builtin_size is not None:
+            dc.builtin_train_size = builtin_size
+        data = str(shapes_split(dc, "train"))
     shards = expand_shards(data)
 
     manifests = read_manifests(shards)  # one per folder: a pattern may span several
