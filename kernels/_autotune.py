@@ -197,9 +197,10 @@ def prep_rows(d_pad: int) -> int:
 
 def backward_blocks(d_pad: int) -> tuple[int, int]:
     """(BLOCK_R rows, num_warps) for the memory-bound backward kernels: whole rows per tile (the cosine chain
-    rule needs each row's dot product), ~4K elements per program over 8 warps (4 warps needed 195-250
-    registers per thread with cosine codes: 2 CTAs per SM for a kernel that wants many loads in flight)."""
-    return max(1, min(128, 4096 // d_pad)), 8
+    rule needs each row's dot product), ~2K elements per program over 8 warps: 48-98 registers, 16-40 warps per
+    SM on sm_80/sm_90 (4K elements over 4 warps took 195-250 registers with cosine codes: 8 warps per SM, few
+    loads in flight for a memory-bound kernel)."""
+    return max(1, min(64, 2048 // d_pad)), 8
 
 
 def assign_rows(d_pad: int) -> int:

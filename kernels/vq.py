@@ -716,7 +716,7 @@ def multichannel_vq(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool 
     try:
         res = _multichannel_vq_triton(z, codebook, channels, cosine=cosine, deterministic=deterministic,
                                       allow_tf32=allow_tf32, policy_key=key)
-        if key not in _backend._VERIFIED and z.is_cuda:
+        if key not in _backend._VERIFIED and z.is_cuda and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize(z.device)  # once per key: a failed launch surfaces here, not in a later op
         _backend._VERIFIED.add(key)
         return res
@@ -761,7 +761,8 @@ class _MultichannelVQ(torch.autograd.Function):
         try:
             gz, gcb = _vq_backward(z, cbf, idx, counts, g_zq, g_codebook, g_commit, gcb_buf,
                                    deterministic=ctx.deterministic, **kw)
-            if ctx.policy_key is not None and ("bwd", ctx.policy_key) not in _backend._VERIFIED and z.is_cuda:
+            if (ctx.policy_key is not None and ("bwd", ctx.policy_key) not in _backend._VERIFIED and z.is_cuda
+                    and not torch.cuda.is_current_stream_capturing()):
                 torch.cuda.synchronize(z.device)
             _backend._VERIFIED.add(("bwd", ctx.policy_key))
         except Exception as err:  # noqa: BLE001 - see forward; forced Triton raises
