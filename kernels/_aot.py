@@ -22,7 +22,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 ARCHS = (80, 90)
 # CUDA occupancy tables: registers per SM, max threads and CTAs per SM, shared memory per SM and the usable
@@ -282,17 +282,19 @@ def compile_spec(spec: Spec, sass: bool = False) -> dict:
             row["error"] = f"cuobjdump: no resource line in {res!r}"
             return row
         regs, stack, static_smem, local = map(int, m.groups())
-        dump = subprocess.run([_tool("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    mix = parse_sass(dump)
+        # spills need a stack frame (ptxas puts them there); the SASS, read only when asked, counts the STL/LDL
+        mix = None
+        if sass:
+            mix = parse_sass(subprocess.run([_tool("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True,
+                                            text=True, check=True).stdout)
     dynamic = int(k.metadata.shared)
     smem = dynamic + static_smem
-    row.update(regs=regs, stack_bytes=stack, local_bytes=local, spill_insns=mix["kernel"]["spill"],
+    row.update(regs=regs, stack_bytes=stack, local_bytes=local, spill_insns=mix["kernel"]["spill"] if mix else None,
                smem_bytes=smem, smem_limit=SMEM_PER_BLOCK[spec.arch],
                **occupancy(spec.arch, regs, smem, spec.num_warps))
-    row["spills"] = bool(stack or local or mix["kernel"]["spill"])
+    row["spills"] = bool(stack or local or (mix and mix["kernel"]["spill"]))
     row["over_smem"] = smem > SMEM_PER_BLOCK[spec.arch]
-    if sass:
+    if mix:
         row["sass_kernel"] = mix["kernel"]
         row["sass_loop"] = mix["loop"]
     return row
@@ -331,7 +333,7 @@ def problems(rows: list[dict]) -> list[str]:
             continue
         if r["spills"]:
             out.append(f"{what}: spills (stack {r['stack_bytes']} B, local {r['local_bytes']} B, "
-                       f"{r['spill_insns']} STL/LDL)")
+                       f"{r['spill_insns'] if r['spill_insns'] is not None else '?'} STL/LDL)")
         if r["over_smem"]:
             out.append(f"{what}: {r['smem_bytes']} B of shared memory > {r['smem_limit']} B")
         est = r.get("smem_estimate")

@@ -70,7 +70,7 @@ def test_aot_markdown_table(bench):
                sass_loop=dict(mma=4, ffma=32, fmnmx=0, fset=44, sel=60, ldg=8, cp_async=5, lds=4, sts=0, shfl=8,
                               spill=0, total=232))
     other = dict(kernel="_vq_backward_kernel", arch="sm_90", math="bf16", d=64, d_pad=64, block_n=64, num_warps=4,
-                 regs=60, stack_bytes=0, spill_insns=0, smem_bytes=0, ctas_per_sm=8, by_regs=8, by_smem=32,
+                 regs=60, stack_bytes=0, spill_insns=None, smem_bytes=0, ctas_per_sm=8, by_regs=8, by_smem=32,
                  by_threads=16)
     report = {"triton": "3.9.0", "wall_s": 1.0, "smem_limit_per_block": {"sm_90": 232448}, "problems": [],
               "rows": [row, other]}
@@ -78,7 +78,7 @@ def test_aot_markdown_table(bench):
     assert "| sm_90 | bf16 | 64 (64) | 64x64x64 | 4 | 3 | 122 | 0 / 0 | 33792 (35328) | 4 (regs) |" in md
     assert "| sm_90 | bf16 | 64 | 64x64x64 | 4 | 4 | 32 | 104 | 8 | 5 | 4 | 0 | 8 | 0 | 232 |" in md
     assert "Before: the issue-4 search kernel (abc)" in md and "| 163 |" in md
-    assert "| sm_90 | _vq_backward_kernel | 64 (64) | 64 | 4 | 60 | 0 / 0 | 0 | 8 (regs) |" in md
+    assert "| sm_90 | _vq_backward_kernel | 64 (64) | 64 | 4 | 60 | 0 / - | 0 | 8 (regs) |" in md
 
 
 GPU_CHECK = ROOT / "tools" / "gpu_check.sh"

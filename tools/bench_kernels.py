@@ -319,6 +319,11 @@ def _fmt_tile(r: dict) -> str:
     return f"{r['block_n']}x{r['block_k']}x{r['block_d']}" if "block_k" in r else f"{r['block_n']} rows"
 
 
+def _fmt_spills(r: dict) -> str:
+    insns = r.get("spill_insns")
+    return f"{r['stack_bytes']} / {'-' if insns is None else insns}"
+
+
 def _fmt_ctas(r: dict) -> str:
     lim = min(("regs", r["by_regs"]), ("smem", r["by_smem"]), ("threads", r["by_threads"]), key=lambda t: t[1])[0]
     return f"{r['ctas_per_sm']} ({lim})"
@@ -339,7 +344,7 @@ def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
         "# kernels/vq.py compiled ahead of time for sm_80 and sm_90 (no GPU)",
         "",
         f"Produced by `{command}` (triton {report['triton']}, the wheel's ptxas and cuobjdump; "
-        f"{report['wall_s']} s on the machine that ran it). Every kernel in every config the pruner "
+        f"this run took {report['wall_s']} s; compiles already in Triton's on-disk cache are reused). Every kernel in every config the pruner "
         "(kernels/_autotune.py) can pick, with the heaviest flags (cosine codes, fused epilogue) and a real "
         "launch's specialisation (B=64, 16x16, C=4, K=16,384). tests/test_kernels_aot.py fails on any spill, on "
         "shared memory over the limit and on a pruner estimate below the compiled figure.",
@@ -365,7 +370,7 @@ def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
                          f"{r['num_stages']} | error: {r['error'][:80]} | | | |")
             continue
         lines.append(f"| {r['arch']} | {r['math']} | {r['d']} ({r['d_pad']}) | {_fmt_tile(r)} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['regs']} | {r['stack_bytes']} / {r['spill_insns']} | "
+                     f"{r['num_stages']} | {r['regs']} | {_fmt_spills(r)} | "
                      f"{r['smem_bytes']} ({r.get('smem_estimate')}) | {_fmt_ctas(r)} |")
     head = ("| arch | math | d | tile | warps | MMA | FFMA | FMNMX+FSETP+SEL | LDG | LDGSTS | LDS | STS | SHFL "
             "| STL+LDL | total |")
@@ -386,14 +391,14 @@ def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
                              f"error | | | |")
                 continue
             lines.append(f"| {r['arch']} | {r['d']} | {_fmt_tile(r)} | {r['num_warps']} | {r['num_stages']} | "
-                         f"{r['regs']} | {r['stack_bytes']} / {r['spill_insns']} | {r['smem_bytes']} | {_fmt_ctas(r)} |")
+                         f"{r['regs']} | {_fmt_spills(r)} | {r['smem_bytes']} | {_fmt_ctas(r)} |")
         lines += ["", head, "|" + "---|" * 15]
         for r in before["rows"]:
             if "error" not in r and r.get("sass_loop"):
                 lines.append(f"| {r['arch']} | {r['math']} | {r['d']} | {_fmt_tile(r)} | {r['num_warps']} "
                              f"{_loop_mix(r)}")
     lines += ["", "## Other kernels (tiles follow from the width)", "",
-              "| arch | kernel | d (D_PAD) | rows per program | warps | regs | spills (stack B / STL+LDL) "
+              "| arch | kernel | d (D_PAD) | rows per program | warps | regs | spills (stack B / STL+LDL, - = SASS not read) "
               "| shared mem B | CTAs/SM |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kernel"] == "_vq_search_kernel":
@@ -402,7 +407,7 @@ def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
             lines.append(f"| {r['arch']} | {r['kernel']} | {r['d']} | | | error: {r['error'][:80]} | | | |")
             continue
         lines.append(f"| {r['arch']} | {r['kernel']} | {r['d']} ({r['d_pad']}) | {r['block_n']} | "
-                     f"{r['num_warps']} | {r['regs']} | {r['stack_bytes']} / {r['spill_insns']} | {r['smem_bytes']} | "
+                     f"{r['num_warps']} | {r['regs']} | {_fmt_spills(r)} | {r['smem_bytes']} | "
                      f"{_fmt_ctas(r)} |")
     return "\n".join(lines) + "\n"
 
