@@ -70,6 +70,15 @@ def test_four_warp_tensor_core_configs_fit_two_ctas_per_sm(aot_rows):
         assert r["ctas_per_sm"] >= 2, r
 
 
+def test_every_code_tile_divides_the_codebook_padding():
+    """The search loads code tiles without masks: K is padded to a multiple of K_ALIGN, which every BLOCK_K of
+    the tables (and the interpreter's) must divide."""
+    from movq.kernels.vq import K_ALIGN
+
+    shapes = [s for by_width in at.SEARCH_TABLE.values() for lst in by_width.values() for s in lst]
+    assert all(K_ALIGN % s.block_k == 0 for s in shapes + [at.INTERPRETER_SHAPE])
+
+
 def test_the_pruner_drops_what_does_not_fit():
     """Against a card with 99 KB of shared memory per block (sm_86), the d = 256 configs whose estimate is
     above it are dropped; with no capability nothing is filtered; a width outside the tables is an error."""
