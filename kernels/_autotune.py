@@ -2,7 +2,7 @@
 
 The configs are tables by math (bf16/fp16 tensor cores, tf32 tensor cores, exact fp32 on FMA units) and by the
 padded feature width D_PAD, checked ahead of time: tests/test_kernels_aot.py compiles every config
-:func:`select_search_configs` can return, for sm_80 and sm_90, and fails on register spills or on shared
+:func:`select_search_shapes` can return, for sm_80 and sm_90, and fails on register spills or on shared
 memory over the target's limit (the table it writes is benchmarks/results/kernels_aot_*.md). At run time the
 pruner also drops every config whose shared-memory estimate exceeds the device's limit, so a card with less
 shared memory keeps only the configs that fit. Under ``TRITON_INTERPRET=1`` a single small config keeps the

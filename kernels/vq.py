@@ -289,10 +289,11 @@ def _vq_search_kernel(
     """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against the codes of split s, in BLOCK_K tiles.
 
     argmin_k ||z - e_k||^2 = argmin_k (0.5*||e_k||^2 - z.e_k): one tl.dot per tile plus one FMA, then a row
-    min/argmin of the tile folded into a running [BLOCK_N] best. For d <= 256 (RESIDENT) the rows are loaded
-    once and stay in the program for every tile. Software pipelining: the dot of tile t+1 is issued before the
-    min/argmin of tile t, so the tensor cores have work while the reduction runs (the loop carries the
-    previous tile's scores).
+    min/argmin of the tile folded into a running [BLOCK_N] best. RESIDENT (d <= 256 on tensor cores): the rows
+    are loaded once and stay in the program for every code tile. The loop is pipelined by Triton (num_stages
+    cp.async buffers of code tiles); the tensor cores overlap the min/argmin across CTAs, the configs leaving
+    room for several per SM (issuing the next tile's dot before this tile's argmin made Triton 3.9 drop the
+    cp.async pipeline and spill: kernels/README.md).
     """
     RESIDENT: tl.constexpr = BLOCK_D >= D_PAD  # the launcher's block_d_for(): whole rows or chunks
     pid_n = tl.program_id(0)

@@ -76,7 +76,7 @@ def test_aot_markdown_table(bench):
               "rows": [row, other]}
     md = bench.render_aot_markdown(report, {"rev": "abc", "rows": [dict(row, regs=163)]}, "cmd")
     assert "| sm_90 | bf16 | 64 (64) | 64x64x64 | 4 | 3 | 122 | 0 / 0 | 33792 (35328) | 4 (regs) |" in md
-    assert "| sm_90 | bf16 | 64 | 64x64x64 | 4 | 4 | 32 | 104 | 8 | 5 | 4 | 0 | 8 | 0 | 232 |" in md
+    assert "| sm_90 | bf16 | 64 | 64x64x64 | 4 | 4 | 32 | 104 | 8 | 5 | 4 | 0 | 8 | 0 | 232 | - |" in md
     assert "Before: the issue-4 search kernel (abc)" in md and "| 163 |" in md
     assert "| sm_90 | _vq_backward_kernel | 64 (64) | 64 | 4 | 60 | 0 / - | 0 | 8 (regs) |" in md
 

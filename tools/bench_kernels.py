@@ -334,8 +334,9 @@ def _loop_mix(r: dict) -> str:
     if not m:
         return "| - |" * 1
     red = m["fmnmx"] + m["fset"] + m["sel"]
+    under = m.get("argmin_under_wgmma") if r["arch"] == "sm_90" else None
     return (f"| {m['mma']} | {m['ffma']} | {red} | {m['ldg']} | {m['cp_async']} | {m['lds']} | {m['sts']} | "
-            f"{m['shfl']} | {m['spill']} | {m['total']} |")
+            f"{m['shfl']} | {m['spill']} | {m['total']} | {'-' if under is None else under} |")
 
 
 def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
@@ -373,11 +374,13 @@ def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
                      f"{r['num_stages']} | {r['regs']} | {_fmt_spills(r)} | "
                      f"{r['smem_bytes']} ({r.get('smem_estimate')}) | {_fmt_ctas(r)} |")
     head = ("| arch | math | d | tile | warps | MMA | FFMA | FMNMX+FSETP+SEL | LDG | LDGSTS | LDS | STS | SHFL "
-            "| STL+LDL | total |")
+            "| STL+LDL | total | under wgmma |")
     lines += ["", "## Search loop: SASS instruction mix (main loop, one code tile per iteration)", "",
               "MMA = HGMMA (sm_90) or HMMA (sm_80) instructions; FMNMX+FSETP+SEL = the min/argmin fold; "
-              "LDGSTS = cp.async copies of the pipelined code tiles (sm_80 and sm_90 alike here).", "",
-              head, "|" + "---|" * 15]
+              "LDGSTS = cp.async copies of the pipelined code tiles (sm_80 and sm_90 alike here); under wgmma "
+              "(sm_90) = float/select instructions issued between an HGMMA and the wait for it, i.e. work of "
+              "this CTA overlapping its own tensor-core work (0: each dot is waited on at once).", "",
+              head, "|" + "---|" * 16]
     for r in rows:
         if r["kernel"] == "_vq_search_kernel" and "error" not in r and r.get("sass_loop"):
             lines.append(f"| {r['arch']} | {r['math']} | {r['d']} | {_fmt_tile(r)} | {r['num_warps']} {_loop_mix(r)}")
@@ -392,7 +395,7 @@ def render_aot_markdown(report: dict, before: dict | None, command: str) -> str:
                 continue
             lines.append(f"| {r['arch']} | {r['d']} | {_fmt_tile(r)} | {r['num_warps']} | {r['num_stages']} | "
                          f"{r['regs']} | {_fmt_spills(r)} | {r['smem_bytes']} | {_fmt_ctas(r)} |")
-        lines += ["", head, "|" + "---|" * 15]
+        lines += ["", head, "|" + "---|" * 16]
         for r in before["rows"]:
             if "error" not in r and r.get("sass_loop"):
                 lines.append(f"| {r['arch']} | {r['math']} | {r['d']} | {_fmt_tile(r)} | {r['num_warps']} "
