@@ -1,13 +1,17 @@
-"""Triton import guard and autotune configs for kernels/vq.py.
+"""Triton import guard and the search kernel's autotune configs for kernels/vq.py.
 
-Config shapes follow the Triton matmul tutorial (03-matrix-multiplication): 64-256 row tiles,
-64-256 code tiles, 16-128 wide feature chunks, 4-8 warps, 2-4 pipeline stages; the autotuner drops
-those that run out of shared memory. Under ``TRITON_INTERPRET=1`` a single small config keeps the
+The configs are tables by math (bf16/fp16 tensor cores, tf32 tensor cores, exact fp32 on FMA units) and by the
+padded feature width D_PAD, checked ahead of time: tests/test_kernels_aot.py compiles every config
+:func:`select_search_shapes` can return, for sm_80 and sm_90, and fails on register spills or on shared
+memory over the target's limit (the table it writes is benchmarks/results/kernels_aot_*.md). At run time the
+pruner also drops every config whose shared-memory estimate exceeds the device's limit, so a card with less
+shared memory keeps only the configs that fit. Under ``TRITON_INTERPRET=1`` a single small config keeps the
 interpreter fast and skips benchmarking.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple, Optional
 
 try:
     import triton
@@ -45,60 +49,160 @@ except ImportError:  # the torch reference still works where Triton is absent (m
 # Kernels are built for the interpreter or for the GPU when they are decorated, i.e. at import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-
-# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages). Tensor-core shapes (bf16/fp16, tf32) keep the
-# [BLOCK_N, BLOCK_K] fp32 accumulator plus the resident z tile within 255 registers: ptxas -v for sm_90 showed
-# no spills for these at d = 16, 64 and 256 (BLOCK_D = 128 spilled at d = 256, so 64 is the widest chunk there).
-# fp32 with exact ieee products runs on FMA units, where operands sit in registers: small tiles only.
-TENSOR_CORE_SHAPES = [
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-    (128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 128, 8, 3),
-]
-FMA_SHAPES = [(64, 64, 16, 4, 2), (64, 64, 32, 4, 2), (128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (32, 64, 16, 4, 2)]
-INTERPRETER_SHAPE = (32, 32, 16, 4, 1)  # BLOCK_D = 16 so d = 24 exercises the multi-chunk path in tests
+MATHS = ("bf16", "tf32", "ieee")  # fp16 z shares the bf16 tables (same operand width)
+WIDTHS = (16, 32, 64, 128, 256, 512)  # D_PAD values: max(16, next_pow2(d))
+# The search keeps its row tile resident (one tile of D_PAD features, loaded once) up to these widths, and
+# streams wider rows in chunks of this many features per tl.dot. Exact fp32 (FMA units) unrolls each dot over
+# its width in registers: wide resident rows spill and take minutes to compile, so it goes in narrow chunks.
+RESIDENT_MAX = {"bf16": 256, "tf32": 256, "ieee": 32}
+CHUNK_D = {"bf16": 64, "tf32": 64, "ieee": 32}
 
 
-def _config(shape):
-    bn, bk, bd, nw, ns = shape
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=nw, num_stages=ns)
+class SearchShape(NamedTuple):
+    block_n: int  # rows per program
+    block_k: int  # codes per tile
+    num_warps: int
+    num_stages: int
+
+
+S = SearchShape
+# Chosen from ahead-of-time compiles for sm_80 and sm_90 (kernels/_aot.py; the committed table is
+# benchmarks/results/kernels_aot_sm80_sm90.md): no spills, and mostly 4-warp tiles that leave room for >= 2 CTAs
+# per SM, so that one CTA's min/argmin runs while another's tensor-core work does (the loop itself waits for
+# each tile's dot: issuing the next dot before the current argmin in the source made Triton 3.9 drop its
+# cp.async pipelining and spill, see kernels/README.md). One wider tile per width for large N.
+SEARCH_TABLE: dict[str, dict[int, list[SearchShape]]] = {
+    "bf16": {
+        16: [S(64, 64, 4, 3), S(128, 64, 4, 3), S(64, 128, 4, 3)],
+        32: [S(64, 64, 4, 3), S(128, 64, 4, 3), S(64, 128, 4, 3)],
+        64: [S(64, 64, 4, 3), S(64, 128, 4, 3), S(128, 64, 8, 3)],
+        128: [S(64, 64, 4, 3), S(128, 64, 8, 3)],
+        256: [S(64, 64, 4, 2), S(64, 64, 4, 3), S(128, 64, 8, 2)],
+        512: [S(64, 64, 4, 3)],
+    },
+    "tf32": {
+        16: [S(64, 64, 4, 3)],
+        32: [S(64, 64, 4, 3)],
+        64: [S(64, 64, 4, 3), S(128, 64, 8, 3)],
+        128: [S(64, 64, 4, 3)],
+        256: [S(64, 32, 4, 3), S(64, 64, 4, 2)],
+        512: [S(64, 32, 4, 2)],
+    },
+    "ieee": {  # exact fp32 on the FMA units: small tiles (each dot is unrolled into FFMAs in registers)
+        16: [S(64, 32, 4, 2), S(32, 64, 4, 2)],
+        32: [S(32, 64, 4, 2)],
+        64: [S(32, 64, 4, 2)],
+        128: [S(32, 64, 4, 2)],
+        256: [S(32, 64, 4, 2)],
+        512: [S(32, 64, 4, 2)],
+    },
+}
+del S
+INTERPRETER_SHAPE = SearchShape(32, 32, 4, 1)
+
+# Usable dynamic shared memory per block by compute capability (the CUDA occupancy tables: opt-in maximum).
+SMEM_PER_BLOCK = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448}
+
+
+def smem_limit(capability: tuple[int, int]) -> int:
+    return SMEM_PER_BLOCK.get(tuple(capability), 101376 if capability[0] == 8 else 232448)
+
+
+def _elem_bytes(math: str) -> int:
+    return 2 if math == "bf16" else 4
+
+
+def block_d_for(math: str, d_pad: int) -> int:
+    """BLOCK_D, features per tl.dot: the whole padded row (resident) or a chunk. Not tuned: the launcher
+    passes it, so the interpreter's single config covers both paths too."""
+    return d_pad if d_pad <= RESIDENT_MAX[math] else CHUNK_D[math]
+
+
+def smem_estimate(shape: SearchShape, math: str, d_pad: int) -> int:
+    """Upper estimate (bytes) of the search kernel's shared memory: num_stages pipelined buffers of the code
+    tile [BLOCK_D, BLOCK_K], its 0.5||e||^2 and, when the row is streamed in chunks, the z chunk; the resident
+    row tile [BLOCK_N, D_PAD] (wgmma reads it from shared memory on sm_90; on sm_80 it lives in registers, so
+    the estimate is conservative there); 1 KB for reductions. tests/test_kernels_aot.py checks it against the
+    compiler's figure for every config it keeps, so the pruner never keeps a config the device cannot launch."""
+    es = _elem_bytes(math)
+    bd = block_d_for(math, d_pad)
+    resident = bd >= d_pad
+    per_stage = bd * shape.block_k * es + shape.block_k * 4 + (0 if resident else shape.block_n * bd * es)
+    return shape.num_stages * per_stage + (shape.block_n * bd * es if resident else 0) + 1024
+
+
+def math_of(z_dtype: str, precision: str) -> str:
+    if z_dtype in ("torch.bfloat16", "torch.float16"):
+        return "bf16"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def _config(shape: SearchShape):
+    return triton.Config({"BLOCK_N": shape.block_n, "BLOCK_K": shape.block_k}, num_warps=shape.num_warps,
+                         num_stages=shape.num_stages)
+
+
+def select_search_shapes(math: str, d_pad: int, capability: Optional[tuple[int, int]] = None) -> list[SearchShape]:
+    """The shapes the pruner can pick for this math and padded width on a device of this capability (None:
+    no shared-memory filter). Never empty: the smallest shape stays if nothing fits the estimate."""
+    if math not in SEARCH_TABLE:
+        raise ValueError(f"unknown search math {math!r}; expected one of {MATHS}")
+    if d_pad not in SEARCH_TABLE[math]:
+        raise ValueError(f"D_PAD must be one of {WIDTHS}, got {d_pad}")
+    shapes = SEARCH_TABLE[math][d_pad]
+    if capability is None:
+        return list(shapes)
+    limit = smem_limit(capability)
+    kept = [s for s in shapes if smem_estimate(s, math, d_pad) <= limit]
+    return kept or [min(shapes, key=lambda s: smem_estimate(s, math, d_pad))]
 
 
 def search_configs() -> list:
-    """Configs for the search kernel: BLOCK_N rows x BLOCK_K codes, BLOCK_D features per tl.dot."""
+    """Every config of the tables (the autotuner's list; the pruner narrows it per call)."""
     if INTERPRET or not HAS_TRITON:
         return [_config(INTERPRETER_SHAPE)]
-    return [_config(s) for s in TENSOR_CORE_SHAPES + FMA_SHAPES]
+    shapes = dict.fromkeys(s for by_width in SEARCH_TABLE.values() for lst in by_width.values() for s in lst)
+    return [_config(s) for s in shapes]
+
+
+def _device_capability(tensor) -> Optional[tuple[int, int]]:
+    dev = getattr(tensor, "device", None)
+    if dev is None or getattr(dev, "type", None) != "cuda":
+        return None
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(dev))
+
+
+AUTOTUNE_ENV = "MOVQ_VQ_AUTOTUNE"  # "0": the first fitting config of the table, no benchmarking (quick test runs)
 
 
 def prune_search_configs(configs, named_args, **kwargs) -> list:
-    """Keep the shapes meant for this math (tensor cores or FMA), clamp BLOCK_D to the padded feature
-    width (>= 16 for tl.dot) and drop the duplicates that clamping makes."""
+    """The configs of this call's math and padded width that fit the device's shared memory."""
     if len(configs) == 1:
         return configs
     d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
     z = named_args.get("z_ptr")
-    fma = getattr(z, "dtype", None) is not None and str(z.dtype) == "torch.float32" and \
-        kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
-    wanted = set(FMA_SHAPES if fma else TENSOR_CORE_SHAPES)
-    seen, out = set(), []
-    for cfg in configs:
-        kw = dict(cfg.kwargs)
-        if (kw["BLOCK_N"], kw["BLOCK_K"], kw["BLOCK_D"], cfg.num_warps, cfg.num_stages) not in wanted:
-            continue
-        kw["BLOCK_D"] = min(kw["BLOCK_D"], d_pad)
-        key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return out
+    math = math_of(str(getattr(z, "dtype", "")), kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")))
+    shapes = select_search_shapes(math, d_pad, _device_capability(z))
+    if os.environ.get(AUTOTUNE_ENV, "").strip() == "0":
+        shapes = shapes[:1]
+    return [_config(s) for s in shapes]
 
 
-def backward_blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_R rows, BLOCK_D >= d features, num_warps) for the memory-bound backward kernels.
+def prep_rows(d_pad: int) -> int:
+    """Codes per program of the prep kernel: ~4K elements, and a divisor of vq.K_ALIGN (256)."""
+    return max(1, min(256, 4096 // d_pad))
 
-    Whole rows per tile (the cosine chain rule needs each row's dot product); ~4K elements per
-    program keeps registers low at d = 512.
-    """
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(128, 4096 // block_d))
-    return block_r, block_d, 4
+
+def backward_blocks(d_pad: int) -> tuple[int, int]:
+    """(BLOCK_R rows, num_warps) for the memory-bound backward kernels: whole rows per tile (the cosine chain
+    rule needs each row's dot product), ~2K elements per program over 8 warps: 48-98 registers, 16-40 warps per
+    SM on sm_80/sm_90 (4K elements over 4 warps took 195-250 registers with cosine codes: 8 warps per SM, few
+    loads in flight for a memory-bound kernel)."""
+    return max(1, min(64, 2048 // d_pad)), 8
+
+
+def assign_rows(d_pad: int) -> int:
+    """Rows per program of the split-K assign kernel (4 warps; 128 rows spilled at d >= 256)."""
+    return 128 if d_pad <= 128 else 64

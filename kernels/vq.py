@@ -15,11 +15,13 @@ Shapes (N = B*C*h*w vectors, row n <-> (b, c, y, x) in that order):
     z_q       [B, C*d, h, w]  dtype and memory layout of z
     indices   [B, C, h, w]    int64
     counts    [K]             int64
+
+Launches (Triton path, Euclidean codes, unsplit search, default non-deterministic mode): forward = the prep
+kernel + the search kernel (its epilogue writes z_q, indices, counts and both losses), backward = one kernel.
+Which path runs on CUDA, and the fallback to torch, is kernels/_backend.py's policy.
 """
 from __future__ import annotations
 
-import logging
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,20 +29,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from movq.kernels import _backend
 from movq.kernels._autotune import (
-    HAS_TRITON,
     INTERPRET,
+    assign_rows,
     backward_blocks,
+    block_d_for,
+    prep_rows,
     prune_search_configs,
     search_configs,
     tl,
     triton,
 )
+from movq.kernels._backend import BACKEND_ENV, BACKENDS  # noqa: F401 (re-exported)
 
-log = logging.getLogger(__name__)
-
-BACKEND_ENV = "MOVQ_VQ_BACKEND"
-BACKENDS = ("triton", "torch")
 NORM_EPS = 1e-6  # F.normalize eps for cosine codes (matches the brief; keeps zero vectors finite)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -107,9 +109,14 @@ def _restore_layout(out: Tensor, like: Tensor) -> Tensor:
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
+# The padded codebook has a multiple of K_ALIGN rows (>= every BLOCK_K; padding codes have 0.5||e||^2 = +inf and
+# never win) and D_PAD = max(16, next_pow2(d)) columns of zeros beyond d, so the search loop loads its code tiles
+# without masks and with compile-time strides.
+K_ALIGN = 256
+
 
 @triton.jit
-def _row_offsets(offs_n, C, H, W, D, s_b, s_c, s_y, s_x, CONTIG: tl.constexpr):
+def _row_offsets(offs_n, C, H, W, D: tl.constexpr, s_b, s_c, s_y, s_x, CONTIG: tl.constexpr):
     """Element offset (int64) of feature 0 of row n = ((b*C + c)*H + y)*W + x in a [B, C*D, H, W] tensor.
 
     CONTIG (a contiguous NCHW tensor): offset = plane * D*H*W + pixel, a form Triton's axis analysis sees as
@@ -131,15 +138,21 @@ def _row_offsets(offs_n, C, H, W, D, s_b, s_c, s_y, s_x, CONTIG: tl.constexpr):
 
 
 @triton.jit
-def _inv_norm(z_ptr, zoff, mask_n, D, s_c, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """1 / max(||z_n||, 1e-6) per row (F.normalize's eps, NORM_EPS), fp32 [BLOCK_N]."""
+def _inv_norm_rows(x):
+    """1 / max(||x_n||, 1e-6) per row of an fp32 tile (F.normalize's eps, NORM_EPS), IEEE-rounded."""
+    return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), 1e-6))
+
+
+@triton.jit
+def _inv_norm(z_ptr, zoff, mask_n, s_c, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_inv_norm_rows` of z's rows read in BLOCK_D-wide chunks, fp32 [BLOCK_N]."""
     ss = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):  # loops, not unrolled here and below: unrolled chunks cost registers
         offs_d = d0 + tl.arange(0, BLOCK_D)
         m = mask_n[:, None] & (offs_d < D)[None, :]
         x = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_c, mask=m, other=0.0).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
-    return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(ss), 1e-6))  # IEEE-rounded (plain sqrt / '/' are approximate)
+    return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(ss), 1e-6))
 
 
 @triton.jit
@@ -156,105 +169,179 @@ def _cast_out(x, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, best_i, inv,
-                 D, s_zc, s_qc, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BF16_BITS: tl.constexpr):
-    """Epilogue: gather e = codebook[best_i] in fp32, write z_q (z's dtype and layout), indices, counts and
-    the row's exact squared error sum_j (z_nj * inv_n - e_j)^2 (fp32; the losses are its mean)."""
+def _vq_prep_kernel(
+    cb_ptr, cbf_ptr, cbd_ptr, hn_ptr, counts_ptr, lcb_ptr, lcm_ptr, gcb_ptr,
+    K, s_k, s_d,
+    D: tl.constexpr, D_PAD: tl.constexpr, SEPARATE_CBD: tl.constexpr, ZERO_GCB: tl.constexpr,
+    BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Everything the search needs from the codebook, and every zero-fill, in one launch.
+
+    Program i, codes [i*BLOCK_R, (i+1)*BLOCK_R) of the padded codebook: the fp32 copy cbf [K_pad, D_PAD] (a new
+    tensor: backward must read the codes of this forward even when the caller rewrites the codebook in place),
+    the dot-dtype copy cbd (bf16/fp16 z), 0.5||e||^2 (+inf on padding codes), counts = 0, the codebook
+    gradient buffer = 0 (when the backward will accumulate into it by atomics) and, in program 0, both losses = 0.
+    """
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, D_PAD)
+    valid = offs_k < K
+    m = valid[:, None] & (offs_d < D)[None, :]
+    e = tl.load(cb_ptr + offs_k[:, None].to(tl.int64) * s_k + offs_d[None, :] * s_d, mask=m, other=0.0)
+    e = e.to(tl.float32)
+    tile = offs_k[:, None] * D_PAD + offs_d[None, :]
+    tl.store(cbf_ptr + tile, e)
+    if SEPARATE_CBD:
+        tl.store(cbd_ptr + tile, _cast_out(e, cbd_ptr.dtype.element_ty, BF16_BITS))
+    tl.store(hn_ptr + offs_k, tl.where(valid, 0.5 * tl.sum(e * e, axis=1), float("inf")))
+    tl.store(counts_ptr + offs_k, tl.zeros([BLOCK_R], dtype=tl.int64), mask=valid)
+    if ZERO_GCB:
+        tl.store(gcb_ptr + offs_k[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32), mask=m)
+    if pid == 0:
+        tl.store(lcb_ptr, 0.0)
+        tl.store(lcm_ptr, 0.0)
+
+
+@triton.jit
+def _code_scores(zt, z_ptr, zoff, mask_n, s_zc, cbd_ptr, k0,
+                 D: tl.constexpr, D_PAD: tl.constexpr, RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z_n . e_k for the program's rows and codes [k0, k0 + BLOCK_K): fp32 [BLOCK_N, BLOCK_K].
+
+    RESIDENT: one tl.dot of the resident row tile zt [BLOCK_N, D_PAD]; else BLOCK_D-wide chunks of z re-read
+    per code tile (d > 256 only)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if RESIDENT:
+        offs_d = tl.arange(0, D_PAD)
+        et = tl.load(cbd_ptr + offs_k[None, :] * D_PAD + offs_d[:, None])  # [D_PAD, BLOCK_K]; padded: no mask
+        if UPCAST:
+            et = et.to(tl.float32)
+        acc = tl.dot(zt, et, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D_PAD, BLOCK_D):  # a loop, not unrolled: Triton pipelines it with num_stages buffers
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            zc = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_zc,
+                         mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
+            et = tl.load(cbd_ptr + offs_k[None, :] * D_PAD + offs_d[:, None])
+            if UPCAST:
+                zc = zc.to(tl.float32)
+                et = et.to(tl.float32)
+            acc = tl.dot(zc, et, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fold_tile(acc, hn, inv, k0, best_v, best_i, COSINE: tl.constexpr):
+    """Running (min, argmin) of 0.5||e||^2 - z.e over one more code tile. Ties go to the smallest code, like
+    torch.argmin: leftmost within the tile, strict '<' across tiles (visited in increasing k)."""
+    if COSINE:
+        dist = hn[None, :] - acc * inv[:, None]
+    else:
+        dist = hn[None, :] - acc
+    tile_min, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    upd = tile_min < best_v
+    return tl.where(upd, tile_min, best_v), tl.where(upd, k0 + tile_arg, best_i)
+
+
+@triton.jit
+def _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, lcb_ptr, lcm_ptr, offs_n, mask_n, zoff, qoff,
+                 best_i, inv, s_zc, s_qc, loss_scale,
+                 D: tl.constexpr, D_PAD: tl.constexpr, ROW_ERR: tl.constexpr, BF16_BITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
+    """Epilogue: gather e = codebook[best_i] in fp32, write z_q (z's dtype and layout), the int64 indices, the
+    counts (integer atomics: exact in any order) and the losses, mean_j (z_nj * inv_n - e_j)^2 over all rows,
+    as fp32 atomics of each program's partial sum (ROW_ERR: each row's error instead, summed in torch in a
+    fixed order, for deterministic mode). z is re-read in EPI_D-wide chunks (an L2 hit, just read by the
+    search): keeping the row tile in registers through the loop for this costs more than it saves."""
     code = best_i.to(tl.int64)
     sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, EPI_D):
+        offs_d = d0 + tl.arange(0, EPI_D)
         m = mask_n[:, None] & (offs_d < D)[None, :]
         cols = offs_d[None, :].to(tl.int64)
         x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32) * inv[:, None]
-        e = tl.load(cbf_ptr + code[:, None] * D + cols, mask=m, other=0.0)
+        e = tl.load(cbf_ptr + code[:, None] * D_PAD + cols, mask=m, other=0.0)
         diff = x - e
         sq += tl.sum(diff * diff, axis=1)
         tl.store(zq_ptr + qoff[:, None] + cols * s_qc, _cast_out(e, zq_ptr.dtype.element_ty, BF16_BITS), mask=m)
     tl.store(idx_ptr + offs_n, code, mask=mask_n)
-    tl.store(sqerr_ptr + offs_n, sq, mask=mask_n)
-    # integer atomics: the counts are exact whatever the order; relaxed: no ordering with other memory is needed
-    # (the default acq_rel semantics compiles to a memory barrier around every atomic)
-    tl.atomic_add(counts_ptr + best_i, tl.full([BLOCK_N], 1, tl.int32), mask=mask_n, sem="relaxed")
+    # relaxed: no ordering with other memory is needed (the default acq_rel compiles to a barrier per atomic)
+    tl.atomic_add(counts_ptr + best_i, tl.full([BLOCK_N], 1, tl.int64), mask=mask_n, sem="relaxed")
+    if ROW_ERR:
+        tl.store(sqerr_ptr + offs_n, sq, mask=mask_n)
+    else:
+        part = tl.sum(sq, axis=0) * loss_scale
+        tl.atomic_add(lcb_ptr, part, sem="relaxed")
+        tl.atomic_add(lcm_ptr, part, sem="relaxed")
 
 
-# DOT_PRECISION is in the key because prune_search_configs picks tensor-core or FMA shapes by it: without it an
-# fp32 call with allow_tf32 would hand its tuned tensor-core tile to later exact (ieee) calls of the same size.
-@triton.autotune(configs=search_configs(), key=["K", "D_PAD", "N_LOG2", "SPLIT", "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_search_configs}, reset_to_zero=["counts_ptr"])
+# D is in the key because prune_search_configs picks the tile by the padded width and DOT_PRECISION because it
+# picks tensor-core or FMA shapes by it: without it an fp32 call with tf32 would hand its tuned tensor-core tile to
+# later exact (ieee) calls of the same size. Benchmarking a config accumulates into the counts and the losses:
+# the autotuner zeroes them before each trial and after the last.
+@triton.autotune(configs=search_configs(), key=["K", "D", "N_LOG2", "SPLIT", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_search_configs},
+                 reset_to_zero=["counts_ptr", "lcb_ptr", "lcm_ptr"])
 @triton.jit(do_not_specialize=["N_LOG2"])  # a tuning key only: its divisibility by 16 must not recompile
 def _vq_search_kernel(
-    z_ptr, cbd_ptr, hn_ptr, cbf_ptr,  # z [B, C*D, H, W]; codebook [K, D] in the dot dtype; 0.5||e||^2 [K]; fp32 [K, D]
-    zq_ptr, idx_ptr, counts_ptr, sqerr_ptr,  # outputs when FUSED (SPLIT == 1)
+    z_ptr, cbd_ptr, hn_ptr, cbf_ptr,  # z [B, C*D, H, W]; padded codebook in the dot dtype; 0.5||e||^2; fp32 codes
+    zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, lcb_ptr, lcm_ptr,  # outputs when FUSED (SPLIT == 1)
     pval_ptr, pidx_ptr,  # [SPLIT, N] partial min / argmin when not FUSED
-    N, K, D, C, H, W, N_LOG2, SPLIT,
+    N, K, C, H, W, N_LOG2, SPLIT, loss_scale,
     s_zb, s_zc, s_zy, s_zx, s_qb, s_qc, s_qy, s_qx,
-    COSINE: tl.constexpr, FUSED: tl.constexpr, Z_CONTIG: tl.constexpr, Q_CONTIG: tl.constexpr,
-    D_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BF16_BITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, COSINE: tl.constexpr, FUSED: tl.constexpr, ROW_ERR: tl.constexpr,
+    Z_CONTIG: tl.constexpr, Q_CONTIG: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BF16_BITS: tl.constexpr, EPI_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against codes of split s, streamed in BLOCK_K tiles.
+    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against the codes of split s, in BLOCK_K tiles.
 
     argmin_k ||z - e_k||^2 = argmin_k (0.5*||e_k||^2 - z.e_k): one tl.dot per tile plus one FMA, then a row
-    min/argmin of the tile (mostly in-thread in the MMA layout) folded into a running [BLOCK_N] best. Ties go
-    to the smallest code index, like torch.argmin: leftmost within a tile, strict '<' across tiles.
+    min/argmin of the tile folded into a running [BLOCK_N] best. RESIDENT (d <= 256 on tensor cores): the rows
+    are loaded once and stay in the program for every code tile. The loop is pipelined by Triton (num_stages
+    cp.async buffers of code tiles); the tensor cores overlap the min/argmin across CTAs, the configs leaving
+    room for several per SM (issuing the next tile's dot before this tile's argmin made Triton 3.9 drop the
+    cp.async pipeline and spill: kernels/README.md).
     """
+    RESIDENT: tl.constexpr = BLOCK_D >= D_PAD  # the launcher's block_d_for(): whole rows or chunks
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
-    if COSINE:
-        inv = _inv_norm(z_ptr, zoff, mask_n, D, s_zc, BLOCK_N, BLOCK_D)
+    if RESIDENT:
+        offs_d = tl.arange(0, D_PAD)
+        zt = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_zc,
+                     mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)  # [BLOCK_N, D_PAD], z's dtype
+        if UPCAST:
+            zt = zt.to(tl.float32)
+        if COSINE:
+            inv = _inv_norm_rows(zt.to(tl.float32))
+        else:
+            inv = tl.full([BLOCK_N], 1.0, tl.float32)
     else:
-        inv = tl.full([BLOCK_N], 1.0, tl.float32)
+        zt = tl.zeros([1], dtype=tl.float32)  # unused: the chunks are read per tile
+        if COSINE:
+            inv = _inv_norm(z_ptr, zoff, mask_n, s_zc, D, BLOCK_N, BLOCK_D)
+        else:
+            inv = tl.full([BLOCK_N], 1.0, tl.float32)
 
-    k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K  # a whole number of tiles: no tile straddles two splits
     k_lo = pid_s * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
     best_v = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_i = tl.zeros([BLOCK_N], tl.int32) + k_lo  # k_lo, not 0: a NaN row still gets a code of this split
-    offs_dd = tl.arange(0, BLOCK_D)
-    if D_PAD <= BLOCK_D:  # the whole (padded) row fits one tile: load z once, keep it for every code tile
-        zt = tl.load(z_ptr + zoff[:, None] + offs_dd[None, :].to(tl.int64) * s_zc,
-                     mask=mask_n[:, None] & (offs_dd < D)[None, :], other=0.0)
-        if UPCAST:
-            zt = zt.to(tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if D_PAD <= BLOCK_D:
-            et = tl.load(cbd_ptr + offs_k[None, :] * D + offs_dd[:, None],
-                         mask=mask_k[None, :] & (offs_dd < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_K]
-            if UPCAST:
-                et = et.to(tl.float32)
-            acc = tl.dot(zt, et, acc, input_precision=DOT_PRECISION)
-        else:
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + offs_dd
-                zc = tl.load(z_ptr + zoff[:, None] + offs_d[None, :].to(tl.int64) * s_zc,
-                             mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
-                et = tl.load(cbd_ptr + offs_k[None, :] * D + offs_d[:, None],
-                             mask=mask_k[None, :] & (offs_d < D)[:, None], other=0.0)
-                if UPCAST:
-                    zc = zc.to(tl.float32)
-                    et = et.to(tl.float32)
-                acc = tl.dot(zc, et, acc, input_precision=DOT_PRECISION)
-        hn = tl.load(hn_ptr + offs_k, mask=mask_k, other=float("inf"))  # masked codes never win
-        if COSINE:
-            dist = hn[None, :] - acc * inv[:, None]
-        else:
-            dist = hn[None, :] - acc
-        tile_min, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        upd = tile_min < best_v
-        best_v = tl.where(upd, tile_min, best_v)
-        best_i = tl.where(upd, k0 + tile_arg, best_i)
+        acc = _code_scores(zt, z_ptr, zoff, mask_n, s_zc, cbd_ptr, k0, D, D_PAD, RESIDENT, DOT_PRECISION, UPCAST,
+                           BLOCK_N, BLOCK_K, BLOCK_D)
+        hn = tl.load(hn_ptr + k0 + tl.arange(0, BLOCK_K))  # padding codes: +inf, never chosen
+        best_v, best_i = _fold_tile(acc, hn, inv, k0, best_v, best_i, COSINE)
 
     if FUSED:
         qoff = _row_offsets(offs_n, C, H, W, D, s_qb, s_qc, s_qy, s_qx, Q_CONTIG)
-        _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, best_i,
-                     inv, D, s_zc, s_qc, BLOCK_N, BLOCK_D, BF16_BITS)
+        _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, lcb_ptr, lcm_ptr, offs_n, mask_n, zoff,
+                     qoff, best_i, inv, s_zc, s_qc, loss_scale, D, D_PAD, ROW_ERR, BF16_BITS, BLOCK_N, EPI_D)
     else:
         tl.store(pval_ptr + pid_s * N + offs_n, best_v, mask=mask_n)
         tl.store(pidx_ptr + pid_s * N + offs_n, best_i, mask=mask_n)
@@ -262,11 +349,11 @@ def _vq_search_kernel(
 
 @triton.jit
 def _vq_assign_kernel(
-    z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, pval_ptr, pidx_ptr,
-    N, D, C, H, W, SPLIT,
+    z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, lcb_ptr, lcm_ptr, pval_ptr, pidx_ptr,
+    N, C, H, W, SPLIT, loss_scale,
     s_zb, s_zc, s_zy, s_zx, s_qb, s_qc, s_qy, s_qx,
-    COSINE: tl.constexpr, Z_CONTIG: tl.constexpr, Q_CONTIG: tl.constexpr, BF16_BITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, COSINE: tl.constexpr, ROW_ERR: tl.constexpr, Z_CONTIG: tl.constexpr,
+    Q_CONTIG: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split-K search: reduce the SPLIT partial (min, argmin) in split order (ties -> smallest code), then assign."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -282,27 +369,28 @@ def _vq_assign_kernel(
     zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
     qoff = _row_offsets(offs_n, C, H, W, D, s_qb, s_qc, s_qy, s_qx, Q_CONTIG)
     if COSINE:
-        inv = _inv_norm(z_ptr, zoff, mask_n, D, s_zc, BLOCK_N, BLOCK_D)
+        inv = _inv_norm(z_ptr, zoff, mask_n, s_zc, D, BLOCK_N, BLOCK_D)
     else:
         inv = tl.full([BLOCK_N], 1.0, tl.float32)
-    _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, offs_n, mask_n, zoff, qoff, best_i, inv,
-                 D, s_zc, s_qc, BLOCK_N, BLOCK_D, BF16_BITS)
+    _assign_rows(z_ptr, cbf_ptr, zq_ptr, idx_ptr, counts_ptr, sqerr_ptr, lcb_ptr, lcm_ptr, offs_n, mask_n, zoff, qoff,
+                 best_i, inv, s_zc, s_qc, loss_scale, D, D_PAD, ROW_ERR, BF16_BITS, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def _vq_backward_kernel(
-    z_ptr, gzq_ptr, gz_ptr, cbf_ptr, idx_ptr, gcb_ptr, scale_ptr,  # scale = [2*g_codebook, 2*g_commit] / numel
-    N, D, C, H, W,
+    z_ptr, gzq_ptr, gz_ptr, cbf_ptr, idx_ptr, gcb_ptr, g_cb_ptr, g_cm_ptr,  # g_cb, g_cm: the losses' 0-d grads
+    N, C, H, W, coef,  # coef = 2 / (N*D): d mean(x^2) / dx
     s_zb, s_zc, s_zy, s_zx, s_gb, s_gc, s_gy, s_gx, s_ob, s_oc, s_oy, s_ox,
-    COSINE: tl.constexpr, HAS_GZQ: tl.constexpr, NEED_GZ: tl.constexpr, ATOMIC_CB: tl.constexpr,
-    Z_CONTIG: tl.constexpr, G_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr, BF16_BITS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, COSINE: tl.constexpr, HAS_GZQ: tl.constexpr, HAS_GCM: tl.constexpr,
+    NEED_GZ: tl.constexpr, ATOMIC_CB: tl.constexpr, Z_CONTIG: tl.constexpr, G_CONTIG: tl.constexpr,
+    O_CONTIG: tl.constexpr, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Per row: dL/dz = g_zq + 2*g_commit/numel * (zn - e), chained through F.normalize when COSINE; with
-    ATOMIC_CB also codebook[idx] += 2*g_codebook/numel * (e - zn) by fp32 atomics (order-dependent rounding)."""
+    """Per row: dL/dz = g_zq + coef*g_commit * (zn - e), chained through F.normalize when COSINE; with ATOMIC_CB
+    also codebook[idx] += coef*g_codebook * (e - zn) by fp32 atomics (order-dependent rounding). The loss
+    gradients are read on the device: no host sync, no torch op to scale them."""
     offs_n = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     cols = offs_d[None, :].to(tl.int64)
     m = mask_n[:, None] & (offs_d < D)[None, :]
     zoff = _row_offsets(offs_n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
@@ -312,10 +400,12 @@ def _vq_backward_kernel(
         inv = tl.div_rn(1.0, tl.maximum(nrm, 1e-6))
         x = x * inv[:, None]
     code = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
-    e = tl.load(cbf_ptr + code[:, None] * D + cols, mask=m, other=0.0)
+    e = tl.load(cbf_ptr + code[:, None] * D_PAD + cols, mask=m, other=0.0)
     if NEED_GZ:
-        c_commit = tl.load(scale_ptr + 1)
-        g = c_commit * (x - e)
+        if HAS_GCM:
+            g = (tl.load(g_cm_ptr).to(tl.float32) * coef) * (x - e)
+        else:
+            g = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
         if HAS_GZQ:
             goff = _row_offsets(offs_n, C, H, W, D, s_gb, s_gc, s_gy, s_gx, G_CONTIG)
             g += tl.load(gzq_ptr + goff[:, None] + cols * s_gc, mask=m, other=0.0).to(tl.float32)
@@ -325,26 +415,26 @@ def _vq_backward_kernel(
         ooff = _row_offsets(offs_n, C, H, W, D, s_ob, s_oc, s_oy, s_ox, O_CONTIG)
         tl.store(gz_ptr + ooff[:, None] + cols * s_oc, _cast_out(g, gz_ptr.dtype.element_ty, BF16_BITS), mask=m)
     if ATOMIC_CB:
-        c_cb = tl.load(scale_ptr)
+        c_cb = tl.load(g_cb_ptr).to(tl.float32) * coef
         tl.atomic_add(gcb_ptr + code[:, None] * D + cols, c_cb * (e - x), mask=m, sem="relaxed")
 
 
 @triton.jit
 def _vq_codebook_grad_kernel(
-    z_ptr, cbf_ptr, order_ptr, offsets_ptr, gcb_ptr, scale_ptr,  # order: rows sorted by code (stable); offsets [K+1]
-    D, C, H, W, s_zb, s_zc, s_zy, s_zx,
-    COSINE: tl.constexpr, Z_CONTIG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    z_ptr, cbf_ptr, order_ptr, offsets_ptr, gcb_ptr, g_cb_ptr,  # order: rows sorted by code (stable); offsets [K+1]
+    C, H, W, coef, s_zb, s_zc, s_zy, s_zx,
+    D: tl.constexpr, D_PAD: tl.constexpr, COSINE: tl.constexpr, Z_CONTIG: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Deterministic codebook gradient: program k sums 2*g_codebook/numel * (e_k - zn) over its rows in a fixed
+    """Deterministic codebook gradient: program k sums coef*g_codebook * (e_k - zn) over its rows in a fixed
     order (stable sort, fixed tile shape, fixed tree reduction), so repeated runs are bit-identical."""
     k = tl.program_id(0)
     start = tl.load(offsets_ptr + k)
     end = tl.load(offsets_ptr + k + 1)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, D_PAD)
     cols = offs_d[None, :].to(tl.int64)
     mask_d = offs_d < D
-    e = tl.load(cbf_ptr + k * D + offs_d, mask=mask_d, other=0.0)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    e = tl.load(cbf_ptr + k * D_PAD + offs_d)
+    acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < end
@@ -353,9 +443,9 @@ def _vq_codebook_grad_kernel(
         zoff = _row_offsets(n, C, H, W, D, s_zb, s_zc, s_zy, s_zx, Z_CONTIG)
         x = tl.load(z_ptr + zoff[:, None] + cols * s_zc, mask=m, other=0.0).to(tl.float32)
         if COSINE:
-            x = x * tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), 1e-6))[:, None]
+            x = x * _inv_norm_rows(x)[:, None]
         acc += tl.where(m, e[None, :] - x, 0.0)
-    c_cb = tl.load(scale_ptr)
+    c_cb = tl.load(g_cb_ptr).to(tl.float32) * coef
     tl.store(gcb_ptr + k * D + offs_d, tl.sum(acc, axis=0) * c_cb, mask=mask_d)
 
 
@@ -376,90 +466,168 @@ def _split_k(n_rows: int, K: int, device: torch.device) -> int:
     return split
 
 
-def _vq_forward(z: Tensor, cbf: Tensor, channels: int, *, cosine: bool, allow_tf32: bool,
-                split_k: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """z [B, C*D, H, W], cbf fp32 [K, D] (already normalised when cosine) -> z_q (like z), indices int64 [N],
-    counts int64 [K], per-row squared error fp32 [N]. Memory added: O(N + K*D)."""
+def padded_width(d: int) -> int:
+    """D_PAD: the codebook's padded width, a power of two >= 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+class _Forward(NamedTuple):
+    zq: Tensor  # like z
+    idx: Tensor  # int64 [N]
+    counts: Tensor  # int64 [K]
+    codebook_loss: Tensor  # fp32 0-d
+    commitment_loss: Tensor  # fp32 0-d
+    cbf: Tensor  # fp32 [K_pad, D_PAD]: the codes of this forward, padded
+    gcb: Optional[Tensor]  # fp32 [K, D] zero-filled for the backward's atomics, or None
+
+
+def _vq_forward(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool, allow_tf32: bool,
+                deterministic: bool = False, zero_gcb: bool = False, split_k: Optional[int] = None) -> _Forward:
+    """z [B, C*D, H, W], codebook [K, D] (any float dtype; already normalised when cosine) -> :class:`_Forward`.
+
+    Two launches when the search is not split (the prep kernel, then the search with its fused epilogue), three
+    with split-K; deterministic mode adds the losses' fixed-order sum in torch. Memory added: O(N + K*D).
+    """
     B, _, H, W = z.shape
-    K, D = cbf.shape
+    K, D = codebook.shape
     C = channels
     N = B * C * H * W
     if N >= 2**31:
         raise ValueError(f"multichannel_vq: {N} vectors; the triton backend indexes rows in int32 (< 2**31). "
                          "Quantize in smaller batches or use backend='torch'")
-    cbf = cbf.detach().contiguous()
-    low_precision = z.dtype in (torch.bfloat16, torch.float16)
-    cbd = cbf.to(z.dtype) if low_precision else cbf  # tensor-core operand; the gather and losses stay fp32
-    hn = 0.5 * (cbf * cbf).sum(1)
-    zq = torch.empty_like(z)
-    idx = torch.empty(N, dtype=torch.int64, device=z.device)
-    counts = torch.zeros(K, dtype=torch.int32, device=z.device)
-    sqerr = torch.empty(N, dtype=torch.float32, device=z.device)
+    d_pad = padded_width(D)
+    k_pad = triton.cdiv(K, K_ALIGN) * K_ALIGN
     split = split_k if split_k is not None else _split_k(N, K, z.device)
     split = max(1, min(split, K, 65535))  # the grid's second dimension
-    if K * D >= 2**31 or split * N >= 2**31:
+    if k_pad * d_pad >= 2**31 or split * N >= 2**31:
         raise ValueError(f"multichannel_vq: codebook {K}x{D} or {split} x {N} partial results exceed the triton "
                          "backend's int32 indexing (< 2**31); use backend='torch'")
+    dev = z.device
+    low_precision = z.dtype in (torch.bfloat16, torch.float16)
+    # torch.empty launches nothing: every buffer below is written by the kernels (zero-fills in the prep kernel)
+    cbf = torch.empty(k_pad, d_pad, dtype=torch.float32, device=dev)
+    cbd = torch.empty(k_pad, d_pad, dtype=z.dtype, device=dev) if low_precision else cbf  # tensor-core operand
+    hn = torch.empty(k_pad, dtype=torch.float32, device=dev)
+    counts = torch.empty(K, dtype=torch.int64, device=dev)
+    lcb = torch.empty((), dtype=torch.float32, device=dev)
+    lcm = torch.empty((), dtype=torch.float32, device=dev)
+    gcb = torch.empty(K, D, dtype=torch.float32, device=dev) if zero_gcb else None
+    zq = torch.empty_like(z)
+    idx = torch.empty(N, dtype=torch.int64, device=dev)
+    sqerr = torch.empty(N if deterministic else 1, dtype=torch.float32, device=dev)
+    bf16_bits = INTERPRET and z.dtype == torch.bfloat16
+    block_r = prep_rows(d_pad)
+    _vq_prep_kernel[(k_pad // block_r,)](
+        codebook, cbf, cbd, hn, counts, lcb, lcm, gcb if gcb is not None else cbf, K, *codebook.stride(),
+        D=D, D_PAD=d_pad, SEPARATE_CBD=low_precision, ZERO_GCB=gcb is not None, BF16_BITS=bf16_bits,
+        BLOCK_R=block_r, num_warps=4,
+    )
     fused = split == 1
-    pval = torch.empty((split, N) if not fused else (1,), dtype=torch.float32, device=z.device)
-    pidx = torch.empty((split, N) if not fused else (1,), dtype=torch.int32, device=z.device)
+    pval = torch.empty((split, N) if not fused else (1,), dtype=torch.float32, device=dev)
+    pidx = torch.empty((split, N) if not fused else (1,), dtype=torch.int32, device=dev)
     precision = "tf32" if (allow_tf32 and not low_precision and not INTERPRET) else "ieee"
-    d_pad = max(16, triton.next_power_of_2(D))
+    math = "bf16" if low_precision else ("tf32" if precision == "tf32" else "ieee")
+    loss_scale = 1.0 / (N * D)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), split)
 
     _vq_search_kernel[grid](
-        z, cbd, hn, cbf, zq, idx, counts, sqerr, pval, pidx,
-        N, K, D, C, H, W, N.bit_length(), split, *z.stride(), *zq.stride(),
-        COSINE=cosine, FUSED=fused, Z_CONTIG=z.is_contiguous(), Q_CONTIG=zq.is_contiguous(), D_PAD=d_pad,
-        DOT_PRECISION=precision,
+        z, cbd, hn, cbf, zq, idx, counts, sqerr, lcb, lcm, pval, pidx,
+        N, K, C, H, W, N.bit_length(), split, loss_scale, *z.stride(), *zq.stride(),
+        D=D, D_PAD=d_pad, COSINE=cosine, FUSED=fused, ROW_ERR=deterministic, Z_CONTIG=z.is_contiguous(),
+        Q_CONTIG=zq.is_contiguous(), DOT_PRECISION=precision,
         UPCAST=INTERPRET and low_precision,  # the interpreter's bf16/fp16 tl.dot is wrong: do it in fp32
-        BF16_BITS=INTERPRET and z.dtype == torch.bfloat16,
+        BF16_BITS=bf16_bits, EPI_D=min(d_pad, 64), BLOCK_D=block_d_for(math, d_pad),
     )
     if not fused:
-        block_n = 32 if INTERPRET else 128
+        block_n = 32 if INTERPRET else assign_rows(d_pad)
         _vq_assign_kernel[(triton.cdiv(N, block_n),)](
-            z, cbf, zq, idx, counts, sqerr, pval, pidx, N, D, C, H, W, split, *z.stride(), *zq.stride(),
-            COSINE=cosine, Z_CONTIG=z.is_contiguous(), Q_CONTIG=zq.is_contiguous(),
-            BF16_BITS=INTERPRET and z.dtype == torch.bfloat16, BLOCK_N=block_n,
-            BLOCK_D=min(d_pad, 64), num_warps=4,
+            z, cbf, zq, idx, counts, sqerr, lcb, lcm, pval, pidx, N, C, H, W, split, loss_scale,
+            *z.stride(), *zq.stride(),
+            D=D, D_PAD=d_pad, COSINE=cosine, ROW_ERR=deterministic, Z_CONTIG=z.is_contiguous(),
+            Q_CONTIG=zq.is_contiguous(), BF16_BITS=bf16_bits, BLOCK_N=block_n, BLOCK_D=min(d_pad, 64), num_warps=4,
         )
-    return zq, idx, counts.long(), sqerr
+    if deterministic:  # a fixed-order sum instead of the atomics: bit-reproducible losses
+        lcb = sqerr.sum() * loss_scale
+        lcm = lcb.clone()
+    return _Forward(zq, idx, counts, lcb, lcm, cbf, gcb)
 
 
-def _vq_backward(z: Tensor, cbf: Tensor, idx: Tensor, counts: Tensor, g_zq: Optional[Tensor], scale: Tensor, *,
-                 channels: int, cosine: bool, need_gz: bool, need_gcb: bool,
+def _vq_backward(z: Tensor, cbf: Tensor, idx: Tensor, counts: Tensor, g_zq: Optional[Tensor],
+                 g_cb: Optional[Tensor], g_cm: Optional[Tensor], gcb: Optional[Tensor], *, channels: int, D: int,
+                 cosine: bool, need_gz: bool, need_gcb: bool,
                  deterministic: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Gradients of sum(g_zq * z_q) + g_cb*codebook_loss + g_commit*commitment_loss; scale = [2 g_cb, 2 g_commit]/numel.
+    """Gradients of sum(g_zq * z_q) + g_cb*codebook_loss + g_cm*commitment_loss (g_*: 0-d, None = 0).
 
-    Returns dL/dz (dtype and layout of z) and dL/dcbf (fp32 [K, D]); None where not needed.
+    Returns dL/dz (dtype and layout of z) and dL/dcodes (fp32 [K, D]); None where not needed. ``gcb``: a
+    zero-filled [K, D] buffer for the atomics (from the forward's prep kernel), or None to allocate one.
+    One launch in the default (atomic) mode.
     """
     B, _, H, W = z.shape
-    K, D = cbf.shape
+    K = counts.shape[0]
+    d_pad = cbf.shape[1]
     N = idx.numel()
-    block_r, block_d, warps = backward_blocks(D)
+    coef = 2.0 / (N * D)
+    block_r, warps = backward_blocks(d_pad)
     gz = torch.empty_like(z) if need_gz else None
-    gcb = torch.zeros(K, D, dtype=torch.float32, device=z.device) if need_gcb else None
     atomic = need_gcb and not deterministic
+    if need_gcb:
+        if gcb is None:
+            gcb = torch.zeros(K, D, dtype=torch.float32, device=z.device) if atomic else \
+                torch.empty(K, D, dtype=torch.float32, device=z.device)
+        g_cb = g_cb if g_cb.dtype == torch.float32 else g_cb.float()
+    else:
+        gcb = None
+    if g_cm is not None and g_cm.dtype != torch.float32:
+        g_cm = g_cm.float()
     if need_gz or atomic:
         gzq = g_zq if g_zq is not None else z  # dummy pointer when HAS_GZQ is False
         out = gz if gz is not None else z
         _vq_backward_kernel[(triton.cdiv(N, block_r),)](
-            z, gzq, out, cbf, idx, gcb if gcb is not None else cbf, scale, N, D, channels, H, W,
-            *z.stride(), *gzq.stride(), *out.stride(),
-            COSINE=cosine, HAS_GZQ=g_zq is not None, NEED_GZ=need_gz, ATOMIC_CB=atomic, Z_CONTIG=z.is_contiguous(),
-            G_CONTIG=gzq.is_contiguous(), O_CONTIG=out.is_contiguous(),
-            BF16_BITS=INTERPRET and z.dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            z, gzq, out, cbf, idx, gcb if gcb is not None else cbf, g_cb if atomic else cbf,
+            g_cm if g_cm is not None else cbf, N, channels, H, W, coef, *z.stride(), *gzq.stride(), *out.stride(),
+            D=D, D_PAD=d_pad, COSINE=cosine, HAS_GZQ=g_zq is not None, HAS_GCM=g_cm is not None, NEED_GZ=need_gz,
+            ATOMIC_CB=atomic, Z_CONTIG=z.is_contiguous(), G_CONTIG=gzq.is_contiguous(), O_CONTIG=out.is_contiguous(),
+            BF16_BITS=INTERPRET and z.dtype == torch.bfloat16, BLOCK_R=block_r, num_warps=warps,
         )
     if need_gcb and deterministic:
         order = torch.sort(idx, stable=True).indices  # rows grouped by code, ties in row order
         offsets = torch.zeros(K + 1, dtype=torch.int64, device=z.device)
         torch.cumsum(counts, 0, out=offsets[1:])
         _vq_codebook_grad_kernel[(K,)](
-            z, cbf, order, offsets, gcb, scale, D, channels, H, W, *z.stride(),
-            COSINE=cosine, Z_CONTIG=z.is_contiguous(), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            z, cbf, order, offsets, gcb, g_cb, channels, H, W, coef, *z.stride(),
+            D=D, D_PAD=d_pad, COSINE=cosine, Z_CONTIG=z.is_contiguous(), BLOCK_R=block_r, num_warps=warps,
         )
+    return gz, gcb
+
+
+def _vq_backward_ref(z: Tensor, cbf: Tensor, idx: Tensor, g_zq: Optional[Tensor], g_cb: Optional[Tensor],
+                     g_cm: Optional[Tensor], *, channels: int, K: int, D: int, cosine: bool, need_gz: bool,
+                     need_gcb: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """:func:`_vq_backward` in torch (autograd through the reference's formulas with the indices fixed): the
+    fallback when a backward kernel fails to compile or launch after its forward ran on Triton."""
+    B, _, h, w = z.shape
+    zl = z.detach().requires_grad_(need_gz)
+    with torch.enable_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+        zv = zl.float().reshape(B, channels, D, h, w).permute(0, 1, 3, 4, 2).reshape(-1, D)  # [N, D]
+        if cosine:
+            zv = F.normalize(zv, dim=-1, eps=NORM_EPS)
+        e = cbf[idx, :D]  # [N, D]
+        gz = None
+        if need_gz:
+            total = zv.new_zeros(())
+            if g_zq is not None:  # straight-through: d z_q / d zv is the identity
+                gv = g_zq.float().reshape(B, channels, D, h, w).permute(0, 1, 3, 4, 2).reshape(-1, D)
+                total = total + (zv * gv).sum()
+            if g_cm is not None:
+                total = total + g_cm.float() * (zv - e).pow(2).mean()
+            gz, = torch.autograd.grad(total, zl)
+            gz = gz.to(z.dtype)
+    gcb = None
+    if need_gcb:
+        diff = (e - zv.detach()) * (g_cb.float() * (2.0 / zv.numel()))
+        gcb = torch.zeros(K, D, dtype=torch.float32, device=z.device).index_add_(0, idx, diff)
     return gz, gcb
 
 
@@ -469,22 +637,27 @@ def _vq_backward(z: Tensor, cbf: Tensor, idx: Tensor, counts: Tensor, g_zq: Opti
 
 
 @torch.no_grad()
-def _nearest_ref(zv: Tensor, cb: Tensor, chunk_size: int) -> Tensor:
-    """argmin_k ||zv_n - cb_k||^2 for zv [N, d], cb [K, d] (fp32), in row chunks: never N x K at once."""
+def _nearest_ref(zv: Tensor, cb: Tensor, chunk_size: int, matmul_dtype: torch.dtype = torch.float32) -> Tensor:
+    """argmin_k ||zv_n - cb_k||^2 for zv [N, d], cb [K, d] (fp32), in row chunks: never N x K at once.
+    ``matmul_dtype``: the operands' dtype of the z.e matmul (bf16: tensor-core speed, fp32 norms and sums)."""
     e_sq = (cb * cb).sum(1)  # [K]
+    cbt = cb.t().to(matmul_dtype)
     out = torch.empty(zv.shape[0], dtype=torch.int64, device=zv.device)
     for start in range(0, zv.shape[0], chunk_size):
         chunk = zv[start:start + chunk_size]  # [n, d]
-        dist = (chunk * chunk).sum(1, keepdim=True) - 2.0 * (chunk @ cb.t()) + e_sq  # [n, K]
+        dots = (chunk.to(matmul_dtype) @ cbt).float()
+        dist = (chunk * chunk).sum(1, keepdim=True) - 2.0 * dots + e_sq  # [n, K]
         out[start:start + chunk_size] = dist.argmin(1)
     return out
 
 
 def multichannel_vq_ref(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool = False,
-                        chunk_size: int = 8192) -> VQResult:
+                        chunk_size: int = 8192, matmul_dtype: torch.dtype = torch.float32) -> VQResult:
     """Torch reference of :func:`multichannel_vq` (plain autograd; fp32 distances whatever autocast says).
 
-    z [B, C*d, h, w], codebook [K, d] -> VQResult (see its docstring for shapes).
+    z [B, C*d, h, w], codebook [K, d] -> VQResult (see its docstring for shapes). ``matmul_dtype``: operand
+    dtype of the search's z.e matmul (torch.bfloat16 for the bf16 baseline of tools/bench_kernels.py; the
+    default fp32 is the reference proper).
     """
     B, C, d, h, w, K = _check_inputs(z, codebook, channels, chunk_size)
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -494,7 +667,7 @@ def multichannel_vq_ref(z: Tensor, codebook: Tensor, channels: int, *, cosine: b
         if cosine:
             zv = F.normalize(zv, dim=-1, eps=NORM_EPS)
             cb = F.normalize(cb, dim=-1, eps=NORM_EPS)
-        idx = _nearest_ref(zv.detach(), cb.detach(), chunk_size)  # [N]
+        idx = _nearest_ref(zv.detach(), cb.detach(), chunk_size, matmul_dtype)  # [N]
         e = cb[idx]  # [N, d]; gather -> index_add backward into the codebook
         codebook_loss = (zv.detach() - e).pow(2).mean()
         commitment_loss = (zv - e.detach()).pow(2).mean()
@@ -509,38 +682,14 @@ def multichannel_vq_ref(z: Tensor, codebook: Tensor, channels: int, *, cosine: b
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(z: Tensor, backend: Optional[str] = None) -> str:
-    """backend argument > $MOVQ_VQ_BACKEND > "triton" on CUDA, "torch" elsewhere."""
-    source = "backend argument"
-    if backend is None:
-        env = os.environ.get(BACKEND_ENV, "").strip()
-        if env:
-            backend, source = env.lower(), f"${BACKEND_ENV}"
-        else:
-            backend = "triton" if z.is_cuda else "torch"
-        if backend == "triton" and not HAS_TRITON:
-            log.warning("multichannel_vq: Triton is not installed; using the torch reference on %s", z.device)
-            backend = "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"multichannel_vq: unknown backend {backend!r} from {source}; expected one of {BACKENDS}")
-    if backend == "triton" and not HAS_TRITON:
-        raise ValueError(f"multichannel_vq: backend 'triton' (from {source}) needs the triton package "
-                         "(pip install triton, Linux); use backend='torch'")
-    if backend == "triton" and not z.is_cuda and not _interpreter_on():
-        raise ValueError(f"multichannel_vq: backend 'triton' (from {source}) got a {z.device.type} tensor; Triton "
-                         "kernels need a CUDA tensor, or set TRITON_INTERPRET=1 before importing kernels to run "
-                         "them in Triton's interpreter on CPU (slow; for tests)")
-    if backend == "triton" and not z.is_cuda and not INTERPRET:
-        raise ValueError("multichannel_vq: TRITON_INTERPRET=1 was set after kernels/vq.py was imported; the kernels "
-                         "were built for the GPU. Set it before the first import of kernels (e.g. in conftest.py)")
-    if backend == "triton" and z.is_cuda and INTERPRET:
-        raise ValueError("multichannel_vq: kernels were imported under TRITON_INTERPRET=1 (CPU interpreter) but z is "
-                         "on CUDA; unset TRITON_INTERPRET or move z to the CPU")
-    return backend
+    """backend argument > $MOVQ_VQ_BACKEND > "triton" on CUDA, "torch" elsewhere (before any fallback: see
+    kernels/_backend.py for when the default Triton choice falls back to torch)."""
+    return _backend.resolve(z, backend)[0]
+
+
+def _policy_key(z: Tensor, d: int, cosine: bool, precision: str, deterministic: bool) -> tuple:
+    return (str(z.device), z.dtype, d, cosine, precision, deterministic)
 
 
 def multichannel_vq(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool = False,
@@ -549,35 +698,65 @@ def multichannel_vq(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool 
     """Nearest-code search + straight-through assignment for multichannel VQ.
 
     z [B, C*d, h, w] (fp32/bf16/fp16), codebook [K, d] -> VQResult(z_q, indices, counts, codebook_loss,
-    commitment_loss). ``backend``: "triton" | "torch" | None (=$MOVQ_VQ_BACKEND, else triton on CUDA,
-    torch elsewhere). ``deterministic``: Triton backward without float atomics (bit-reproducible); None
-    follows ``torch.are_deterministic_algorithms_enabled()``. ``allow_tf32``: fp32 inputs may search with
-    tf32 tensor cores; None follows ``torch.backends.cuda.matmul.allow_tf32``. ``chunk_size``: rows per
-    chunk of the torch search.
+    commitment_loss). ``backend``: "triton" | "torch" | None (=$MOVQ_VQ_BACKEND, else triton on CUDA, torch
+    elsewhere; the default falls back to torch with one warning where Triton cannot run, a named backend
+    raises instead). ``deterministic``: Triton losses and backward without float atomics (bit-reproducible);
+    None follows ``torch.are_deterministic_algorithms_enabled()``. ``allow_tf32``: fp32 inputs may search with
+    tf32 tensor cores; None follows torch's fp32 matmul precision (either API). ``chunk_size``: rows per chunk
+    of the torch search.
     """
     _check_inputs(z, codebook, channels, chunk_size)
-    if resolve_backend(z, backend) == "torch":
+    name, forced = _backend.resolve(z, backend)
+    if name == "torch":
         return multichannel_vq_ref(z, codebook, channels, cosine=cosine, chunk_size=chunk_size)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if allow_tf32 is None:
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    return _multichannel_vq_triton(z, codebook, channels, cosine=cosine, deterministic=deterministic,
-                                   allow_tf32=allow_tf32)
+        allow_tf32 = _backend.tf32_allowed()
+    if forced:
+        return _multichannel_vq_triton(z, codebook, channels, cosine=cosine, deterministic=deterministic,
+                                       allow_tf32=allow_tf32, policy_key=None)
+    reason = _backend.unsupported_reason(z)
+    precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
+    key = _policy_key(z, codebook.shape[1], cosine, precision, deterministic)
+    if reason is not None:
+        _backend.record_fallback(key, reason)
+    if _backend.fallback_reason(key) is not None:
+        return multichannel_vq_ref(z, codebook, channels, cosine=cosine, chunk_size=chunk_size)
+    try:
+        res = _multichannel_vq_triton(z, codebook, channels, cosine=cosine, deterministic=deterministic,
+                                      allow_tf32=allow_tf32, policy_key=key)
+        if key not in _backend._VERIFIED and z.is_cuda and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize(z.device)  # once per key: a failed launch surfaces here, not in a later op
+        _backend._VERIFIED.add(key)
+        return res
+    except Exception as err:  # noqa: BLE001 - the policy: any Triton failure of the default path falls back
+        if not _backend.is_fallback_error(err):
+            raise
+        _backend.record_fallback(key, f"the Triton forward failed ({_backend.describe_error(err)})")
+        return multichannel_vq_ref(z, codebook, channels, cosine=cosine, chunk_size=chunk_size)
 
 
 class _MultichannelVQ(torch.autograd.Function):
-    """Fused forward (search + assignment + squared error) and backward; cbf is the fp32 (normalised) codebook."""
+    """Fused forward (prep + search with its epilogue) and backward (one kernel by default).
+
+    ``codebook`` is the caller's [K, d] (any float dtype) or, for cosine codes, its fp32 normalisation (autograd
+    chains the gradient through F.normalize). ``policy_key``: None when Triton was forced (errors raise); else
+    the fallback key, and a failing backward kernel is replaced by :func:`_vq_backward_ref` with a warning.
+    """
 
     @staticmethod
-    def forward(ctx, z, cbf, channels, cosine, deterministic, allow_tf32):
-        zq, idx, counts, sqerr = _vq_forward(z, cbf, channels, cosine=cosine, allow_tf32=allow_tf32)
-        loss = sqerr.sum() / (idx.numel() * cbf.shape[1])
-        ctx.save_for_backward(z, cbf, idx, counts)
-        ctx.channels, ctx.cosine, ctx.deterministic = channels, cosine, deterministic
-        ctx.mark_non_differentiable(idx, counts)
+    def forward(ctx, z, codebook, channels, cosine, deterministic, allow_tf32, policy_key):
+        zero_gcb = ctx.needs_input_grad[1] and not deterministic  # the backward's atomics start from the prep's 0s
+        fw = _vq_forward(z, codebook, channels, cosine=cosine, allow_tf32=allow_tf32, deterministic=deterministic,
+                         zero_gcb=zero_gcb)
+        ctx.save_for_backward(z, fw.cbf, fw.idx, fw.counts)
+        ctx.gcb = fw.gcb  # handed to the first backward only: it may become the codebook's .grad
+        ctx.channels, ctx.cosine, ctx.deterministic, ctx.policy_key = channels, cosine, deterministic, policy_key
+        ctx.cb_dtype, ctx.D = codebook.dtype, codebook.shape[1]
+        ctx.mark_non_differentiable(fw.idx, fw.counts)
         ctx.set_materialize_grads(False)  # an unused output sends None: skip its term
-        return zq, idx, counts, loss, loss.clone()
+        return fw.zq, fw.idx, fw.counts, fw.codebook_loss, fw.commitment_loss
 
     @staticmethod
     @once_differentiable
@@ -586,31 +765,40 @@ class _MultichannelVQ(torch.autograd.Function):
         need_gz = ctx.needs_input_grad[0] and (g_zq is not None or g_commit is not None)
         need_gcb = ctx.needs_input_grad[1] and g_codebook is not None
         if not (need_gz or need_gcb):
-            return None, None, None, None, None, None
-        zero = torch.zeros((), dtype=torch.float32, device=z.device)
-        scale = torch.stack([(g if g is not None else zero).float().reshape(()) for g in (g_codebook, g_commit)])
-        scale = (scale * (2.0 / (idx.numel() * cbf.shape[1]))).contiguous()  # stays on device: no sync
-        gz, gcb = _vq_backward(z, cbf, idx, counts, g_zq, scale, channels=ctx.channels, cosine=ctx.cosine,
-                               need_gz=need_gz, need_gcb=need_gcb, deterministic=ctx.deterministic)
-        return gz, gcb, None, None, None, None
+            return None, None, None, None, None, None, None
+        gcb_buf, ctx.gcb = ctx.gcb, None
+        kw = dict(channels=ctx.channels, D=ctx.D, cosine=ctx.cosine, need_gz=need_gz, need_gcb=need_gcb)
+        try:
+            gz, gcb = _vq_backward(z, cbf, idx, counts, g_zq, g_codebook, g_commit, gcb_buf,
+                                   deterministic=ctx.deterministic, **kw)
+            if (ctx.policy_key is not None and ("bwd", ctx.policy_key) not in _backend._VERIFIED and z.is_cuda
+                    and not torch.cuda.is_current_stream_capturing()):
+                torch.cuda.synchronize(z.device)
+            _backend._VERIFIED.add(("bwd", ctx.policy_key))
+        except Exception as err:  # noqa: BLE001 - see forward; forced Triton raises
+            if ctx.policy_key is None or not _backend.is_fallback_error(err):
+                raise
+            _backend.record_fallback(ctx.policy_key, f"the Triton backward failed ({_backend.describe_error(err)})")
+            gz, gcb = _vq_backward_ref(z, cbf, idx, g_zq, g_codebook, g_commit, K=counts.shape[0], **kw)
+        if gcb is not None and gcb.dtype != ctx.cb_dtype:
+            gcb = gcb.to(ctx.cb_dtype)
+        return gz, gcb, None, None, None, None, None
 
 
 def _multichannel_vq_triton(z: Tensor, codebook: Tensor, channels: int, *, cosine: bool, deterministic: bool,
-                            allow_tf32: bool) -> VQResult:
+                            allow_tf32: bool, policy_key: Optional[tuple] = None) -> VQResult:
     if z.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"multichannel_vq: the triton backend takes z in {_FLOAT_DTYPES}, got {z.dtype}; "
                          "use backend='torch'")
     B, _, h, w = z.shape
     with torch.autocast(device_type=z.device.type, enabled=False):
-        # A new tensor, never the parameter's own storage: backward reads the codes of this forward even
-        # when the caller then rewrites the codebook in place (EMA updates, dead-code restarts).
-        if cosine:  # K x d: cheap in torch, and autograd chains the codebook gradient through it
-            cbf = F.normalize(codebook.float(), dim=-1, eps=NORM_EPS)
-        else:
-            cbf = codebook.to(torch.float32, copy=True)
+        # cosine: K x d in torch, and autograd chains the codebook gradient through it; else the prep kernel
+        # reads the caller's codebook (its fp32 copy is a new tensor, see _vq_prep_kernel)
+        codes = F.normalize(codebook.float(), dim=-1, eps=NORM_EPS) if cosine else codebook
+        args = (z, codes, channels, cosine, deterministic, allow_tf32, policy_key)
         if z.is_cuda:
             with torch.cuda.device(z.device):
-                zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(z, cbf, channels, cosine, deterministic, allow_tf32)
+                zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(*args)
         else:
-            zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(z, cbf, channels, cosine, deterministic, allow_tf32)
+            zq, idx, counts, lcb, lcm = _MultichannelVQ.apply(*args)
     return VQResult(zq, idx.view(B, channels, h, w), counts, lcb, lcm)
