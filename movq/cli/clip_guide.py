@@ -15,7 +15,7 @@ encoded) or ``--prior`` (one MaskGIT sample, its tokens' codes; the prior's toke
 The autoregressive prior is not read yet: ``load_prior`` loads MaskGIT priors only.
 
 Writes OUT/image.png (the result: its tokens decoded), OUT/progress.png (the image after 0, N, 2N, ... steps,
-left to right; N = --save-every), OUT/tokens.npy (uint16 [C, h, w]) and OUT/run.json (prompts with the CLIP
+left to right; N = --save-every), OUT/tokens.npy (uint16 [C, h, w]; int32 past 65536 codes) and OUT/run.json (prompts with the CLIP
 similarity of the start and the final image, settings, seed, the loss of every step, files used). The seed fixes
 the start, the cut-outs, the augmentations and the noise: on CPU a rerun is identical.
 """
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_grid([result.image * 2 - 1], out / "image.png", pad=0)
     save_grid([torch.cat([im for _, im in result.frames]) * 2 - 1], out / "progress.png")
-    tokens = result.tokens[0].cpu().numpy().astype(np.uint16)
+    tokens = result.tokens[0].cpu().numpy().astype(np.uint16 if tokenizer.quantizer.codebook_size <= 2**16 else np.int32)
     with atomic_path(out / "tokens.npy") as tmp:
         np.save(tmp, tokens)
     import transformers

@@ -83,7 +83,8 @@ def clip_files(folder: Union[str, os.PathLike]) -> dict[str, Path]:
             _check_shards(weights)
         elif (folder / "pytorch_model.bin").is_file():
             raise ClipFilesError(f"{folder / WEIGHTS_NAME} is missing: only safetensors weights are read, never "
-                                 f"pytorch_model.bin (a pickle); {_how_to_get(WEIGHTS_NAME)}")
+                                 f"pytorch_model.bin (a pickle); {_how_to_get(WEIGHTS_NAME)}, or, if you trust the "
+                                 "pickle, convert it once: CLIPModel.from_pretrained(folder).save_pretrained(folder)")
         else:
             raise ClipFilesError(f"{folder / WEIGHTS_NAME} is missing; {_how_to_get(WEIGHTS_NAME)}")
     if (folder / TOKENIZER_FILES[0]).is_file():
