@@ -294,6 +294,21 @@ class PriorConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+@dataclass
+class ClipGuidanceConfig:
+    """Text guidance with CLIP (VQGAN+CLIP, Crowson et al. 2022): Adam on a tokenizer's latent z, scored by CLIP
+    on random cut-outs. Defaults are the recipe's (its notebook's step size, cut-outs and noise)."""
+
+    steps: int = 300
+    lr: float = 0.1  # Adam's step size on z
+    cutn: int = 32  # random cut-outs per step, each resized to CLIP's input size
+    cut_pow: float = 1.0  # cut-out side = min_side + U^cut_pow · (max_side − min_side): > 1 favours small cut-outs
+    augment: bool = True  # random flips, small rotations / shifts / zooms, colour jitter on the cut-outs
+    noise: float = 0.1  # Gaussian noise on each cut-out, its std drawn from U(0, noise); 0 = none
+    clamp: bool = True  # after each step, z is clamped per component to the codebook's range (z_min / z_max)
+    init_weight: float = 0.0  # pull towards the start: + init_weight · mean((z − z₀)²) / 2 (keeps an init image)
+
+
 # --------------------------------------------------------------------------------------
 # Loading and saving
 # --------------------------------------------------------------------------------------

@@ -183,15 +183,19 @@ class MoVQ(PretrainedModel):
 
     def encode(self, x: torch.Tensor) -> EncodeOutput:
         """x [B, 3, H, W] in [-1, 1] → EncodeOutput with h = ⌈H / f⌉, w = ⌈W / f⌉."""
+        q = self.quantizer(self.encode_latent(x))
+        return EncodeOutput(q.z_q, q.indices, q)
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, H, W] in [-1, 1] → z [B, C·d, ⌈H/f⌉, ⌈W/f⌉], the continuous latent before quantization
+        (what CLIP guidance optimises)."""
         if x.dim() != 4 or x.shape[1] != self.config.model.in_channels:
             raise ValueError(
                 f"expected images [B, {self.config.model.in_channels}, H, W], got {tuple(x.shape)}"
             )
         if x.numel() == 0:
             raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
-        h = self.quant_conv(self.encoder(self._pad(x)))
-        q = self.quantizer(h)
-        return EncodeOutput(q.z_q, q.indices, q)
+        return self.quant_conv(self.encoder(self._pad(x)))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """z_q [B, C·d, h, w] → images [B, 3, h·f, w·f]."""
