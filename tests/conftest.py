@@ -9,6 +9,8 @@ if os.environ.get("MOVQ_TEST_GPU") != "1" and shutil.which("nvidia-smi") is None
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test reaches the Hugging Face Hub: huggingface_hub reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -42,7 +42,7 @@ from movq.data.tokens import (
     shard_done,
     write_token_manifest,
 )
-from movq.models.pretrained import WEIGHTS_NAME, resolve_model_dir
+from movq.models.pretrained import WEIGHTS_NAME, resolve_pretrained
 from movq.utils import sha256_file
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     error, plan = None, None
     try:
         try:
-            tok_dir = resolve_model_dir(args.tokenizer, kind="MoVQ")
+            tok_dir = resolve_pretrained(args.tokenizer, kind="MoVQ")  # a local folder or a Hub repo id
         except (OSError, ValueError) as e:
             raise type(e)(f"--tokenizer: {e}") from None
         model = MoVQ.from_pretrained(tok_dir).to(acc.device)
