@@ -107,13 +107,13 @@ def main(argv=None) -> int:
         source = args.source or detect_source(args.data)
         if acc.is_main_process:  # the builtin dataset is built once, before the other ranks look
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: the builtin dataset's optional packages
         error = _message(e)
     acc.wait_for_everyone()
     if error is None and plan is None:
         try:
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:
             error = _message(e)
     if error is None and acc.is_main_process:
         h, w = (math.ceil(size / model.downsample_factor),) * 2
