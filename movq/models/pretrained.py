@@ -179,7 +179,12 @@ class PretrainedModel(nn.Module, ModelHubMixin, library_name="movq", model_card_
         atomic_write(save_directory / CONFIG_NAME, json.dumps(self.config_record(), indent=1) + "\n")
 
     def config_record(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "class": type(self).__name__, "config": to_dict(self.config)}
+        """What ``config.json`` holds."""
+        return type(self).config_record_of(self.config)
+
+    @classmethod
+    def config_record_of(cls, config: Any) -> dict:
+        return {"format_version": FORMAT_VERSION, "class": cls.__name__, "config": to_dict(config)}
 
     def save_pretrained(self, save_directory: PathLike, *, push_to_hub: bool = False, repo_id: Optional[str] = None,
                         model_card_kwargs: Optional[dict] = None, config: Any = None,
@@ -218,7 +223,7 @@ class PretrainedModel(nn.Module, ModelHubMixin, library_name="movq", model_card_
         """The card of a model of this class with ``config`` (see :func:`write_model_card`)."""
         with torch.device("meta"):  # the parameter count without allocating the weights
             n_params = sum(p.numel() for p in cls(config).parameters())
-        record = {"format_version": FORMAT_VERSION, "class": cls.__name__, "config": to_dict(config)}
+        record = cls.config_record_of(config)
         name = repo_id or "path/to/this/folder"
         usage = f"from movq import {cls.__name__}\n\nmodel = {cls.__name__}.from_pretrained({name!r})"
         summary = f"{cls.card_summary(config)} {n_params / 1e6:.1f}M parameters."
