@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -107,10 +108,15 @@ def test_a_missing_tracker_names_its_extra(tmp_path, without, capsys):
 def test_the_wheel_holds_the_package(tmp_path):
     """A non-editable build: every sub-package, the kernels as movq.kernels, py.typed, the console scripts
     and the metadata (ranges, extras, Python >= 3.10)."""
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    for name in ("movq", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    (wheel,) = tmp_path.glob("movq-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("movq-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
