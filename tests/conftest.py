@@ -9,7 +9,7 @@ if os.environ.get("MOVQ_TEST_GPU") != "1" and shutil.which("nvidia-smi") is None
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Nothing is downloaded at run time: Hugging Face libraries (transformers in the CLIP tests) stay offline.
+# No test reaches the network: huggingface_hub (and transformers, in the CLIP tests) read this once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

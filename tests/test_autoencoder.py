@@ -78,7 +78,7 @@ def test_save_and_load_bit_identical(tmp_path):
     model(x)  # moves EMA buffers and usage counters away from their initial values
     model.eval()
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     # the architecture only: no training section can break loading the model later
     assert record["format_version"] == 1 and record["class"] == "MoVQ"

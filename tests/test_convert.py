@@ -27,6 +27,7 @@ from movq.interop.convert import convert
 from movq.models.autoencoder import MoVQ  # noqa: E402
 
 TOL = 1e-4  # max abs difference in fp32 that the issue asks for
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------
@@ -568,3 +569,118 @@ def test_load_checkpoint_rejects_non_state_dicts(tmp_path):
     torch.save({"encoder.conv_in.weight": torch.zeros(1), "meta": "text"}, tmp_path / "mixed.pt")
     with pytest.raises(ConvertError, match="not tensors"):
         load_checkpoint(tmp_path / "mixed.pt")
+
+
+# --------------------------------------------------------------------------------------
+# export: movq → diffusers (tools/convert.py --to diffusers)
+# --------------------------------------------------------------------------------------
+EXPORT_TOL = 1e-5  # the issue's bound on the round trip diffusers → movq → diffusers
+
+
+def _reconstruct(vq, x):
+    with torch.no_grad():
+        return vq(x).sample
+
+
+def test_diffusers_round_trip(diffusers_folder, tmp_path):
+    """diffusers → movq → diffusers: the same tensors, the same config, equal reconstructions."""
+    diffusers = pytest.importorskip("diffusers")
+    vq, folder = diffusers_folder
+    assert cli(["--from", "diffusers", str(folder), str(tmp_path / "movq")]) == 0
+    assert cli(["--to", "diffusers", str(tmp_path / "movq"), str(tmp_path / "back")]) == 0
+    back = diffusers.VQModel.from_pretrained(tmp_path / "back").eval()
+    x = images(n=1, size=16)
+    assert (_reconstruct(back, x) - _reconstruct(vq, x)).abs().max().item() <= EXPORT_TOL
+    original, exported = vq.state_dict(), back.state_dict()
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    keep = ("block_out_channels", "down_block_types", "up_block_types", "latent_channels", "vq_embed_dim",
+            "num_vq_embeddings", "norm_type", "layers_per_block", "mid_block_add_attention", "norm_num_groups")
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in back.config.items() if k in keep} == \
+        {k: list(v) if isinstance(v, tuple) else v for k, v in vq.config.items() if k in keep}
+
+
+@pytest.mark.parametrize("norm", ["group", "spatial"])
+def test_movq_models_export(tmp_path, norm):
+    """A model trained in movq (C = 1) reconstructs in diffusers as in movq, token for token."""
+    diffusers = pytest.importorskip("diffusers")
+    from movq.config import TokenizerConfig, load_config
+    from movq.interop.export import export_diffusers
+
+    torch.manual_seed(0)
+    cfg = load_config(TokenizerConfig, {
+        "model": {"resolution": 32, "base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attn_resolutions": [16], "norm": norm, "z_channels": None if norm == "spatial" else 8},
+        "quantizer": {"codebook_size": 64, "channels": 1, "dim": 4}})
+    model = MoVQ(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # off the init, as in make_vqmodel
+    result = export_diffusers(model, tmp_path / "d")
+    assert any("legacy=True" in n for n in result.notes)  # movq's default β on the commitment term
+    vq = diffusers.VQModel.from_pretrained(tmp_path / "d").eval()
+    x = images(n=1, size=16)
+    with torch.no_grad():
+        rec, enc = model(x)
+        h = vq.encode(x).latents
+        _, _, (_, _, idx) = vq.quantize(h)
+    assert torch.equal(enc.indices.flatten(), idx.flatten())
+    assert (_reconstruct(vq, x) - rec).abs().max().item() <= TOL  # two implementations: TOL as for the import
+
+
+@pytest.mark.parametrize("name", ["vqgan_ffhq256", "vqgan_imagenet256"])
+def test_vqgan_twin_configs_export(name):
+    """The shipped VQGAN twins give a VQModel config whose weights match key for key, shape for shape."""
+    diffusers = pytest.importorskip("diffusers")
+    from movq.interop.export import diffusers_config, diffusers_state_dict
+
+    with torch.device("meta"):
+        model = MoVQ.from_config(ROOT / "configs" / f"{name}.yaml")
+        vq = diffusers.VQModel(**{k: v for k, v in diffusers_config(model.config).config.items()
+                                  if not k.startswith("_")})
+    ours = {k: tuple(v.shape) for k, v in diffusers_state_dict(model).items()}
+    theirs = {k: tuple(v.shape) for k, v in vq.state_dict().items()}
+    assert ours == theirs
+
+
+def test_what_does_not_export(tmp_path, capsys):
+    from movq.config import TokenizerConfig, load_config
+    from movq.interop.export import diffusers_config
+
+    err = run_cli_error(capsys, "--to", "diffusers", "missing/folder-xyz", tmp_path / "o")  # not local, not cached
+    assert "missing/folder-xyz" in err
+    with torch.device("meta"):
+        four = MoVQ.from_config(ROOT / "configs" / "ffhq256.yaml")
+    with pytest.raises(ConvertError, match=r"C = 4 channels per latent cell.*no diffusers class can hold"):
+        diffusers_config(four.config)
+    base = {"model": {"norm": "spatial"}, "quantizer": {"channels": 1, "dim": 4}}
+    cases = {"cosine": ({"quantizer": {"cosine": True}}, "l2-normalised"),
+             "add_conv": ({"model": {"spatial_norm_conv": True}}, "add_conv"),
+             "groups": ({"model": {"norm_groups": 16}}, "always uses 32 groups"),
+             "z": ({"model": {"z_channels": 8}}, "must then equal the code width"),
+             "extra": ({"model": {"decoder_extra_block": False}}, "num_res_blocks \\+ 1"),
+             "mult": ({"model": {"channel_mult": [2, 2]}}, "conv_in outputs")}
+    for over, message in cases.values():
+        cfg = load_config(TokenizerConfig, {k: {**base[k], **over.get(k, {})} for k in base})
+        with pytest.raises(ConvertError, match=message):
+            diffusers_config(cfg)
+    # a multichannel model through the command line: exit 2, one line, nothing written
+    small = {"model": {"resolution": 16, "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                       "attn_resolutions": [], "norm_groups": 4}, "quantizer": {"codebook_size": 16, "channels": 2,
+                                                                               "dim": 4}}
+    MoVQ(load_config(TokenizerConfig, small)).save_pretrained(tmp_path / "c2")
+    err = run_cli_error(capsys, "--to", "diffusers", tmp_path / "c2", tmp_path / "o2")
+    assert "C = 2 channels per latent cell" in err and not (tmp_path / "o2").exists()
+    with pytest.raises(SystemExit):
+        cli(["--to", "diffusers", "--ema", str(tmp_path / "c2"), str(tmp_path / "o3")])
+    assert "--ema: only with --from" in capsys.readouterr().err
+
+
+def test_export_keeps_an_existing_folder(tmp_path, capsys, diffusers_folder):
+    _, folder = diffusers_folder
+    assert cli(["--from", "diffusers", str(folder), str(tmp_path / "m")]) == 0
+    assert cli(["--to", "diffusers", str(tmp_path / "m"), str(tmp_path / "d")]) == 0
+    assert "--force" in run_cli_error(capsys, "--to", "diffusers", tmp_path / "m", tmp_path / "d")
+    assert cli(["--to", "diffusers", str(tmp_path / "m"), str(tmp_path / "d"), "--force"]) == 0
+    card = (tmp_path / "m" / "README.md").read_text()  # the converted folder's model card names its source
+    assert "## Converted from" in card and "* format: `diffusers`" in card

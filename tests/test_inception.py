@@ -189,16 +189,20 @@ def _torch_fidelity_src(tmp_path):
     return os.path.join(src, "torch_fidelity")
 
 
-def _torch_fidelity_fid_functions(path):
+def _torch_fidelity_functions(path, wanted, **constants):
+    """Functions of one torch-fidelity module (its imports left out: they pull in torchvision)."""
     import ast
 
     tree = ast.parse(open(path).read())
-    wanted = ("fid_features_to_statistics", "fid_statistics_to_metric")
     module = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted], [])
-    namespace = {"np": np, "torch": torch, "KEY_METRIC_FID": "frechet_inception_distance",
-                 "vprint": lambda *a, **k: None}
+    namespace = {"np": np, "torch": torch, "vprint": lambda *a, **k: None, **constants}
     exec(compile(module, path, "exec"), namespace)
     return namespace
+
+
+def _torch_fidelity_fid_functions(path):
+    return _torch_fidelity_functions(path, ("fid_features_to_statistics", "fid_statistics_to_metric"),
+                                     KEY_METRIC_FID="frechet_inception_distance")
 
 
 def test_parity_with_torch_fidelity(standin, tmp_path):
@@ -216,15 +220,26 @@ def test_parity_with_torch_fidelity(standin, tmp_path):
             x = torch.randint(0, 256, (1, 3, *hw), generator=torch.Generator().manual_seed(hw[0])).float()
             ref = interp.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
             assert torch.equal(inc.resize_bilinear_tf1(x, (299, 299)), ref), hw
-        reference = ref_mod.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+        reference = ref_mod.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                         feature_extractor_weights_path=str(standin))
         imgs = torch.randint(0, 256, (4, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-        expected = reference(imgs)[0]
+        expected, expected_logits = reference(imgs)
     finally:
         for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
             del sys.modules[name]
-    got = FIDInceptionV3.from_pretrained(standin, verify=False)(imgs)
+    extractor = FIDInceptionV3.from_pretrained(standin, verify=False)
+    got = extractor(imgs)
     assert ((got - expected).abs().max() / expected.abs().max()) < 1e-4
+    # the Inception Score's logits are torch-fidelity's logits_unbiased; with one split and no shuffle its
+    # IS is ADM's formula (movq.evaluation.adm) on them
+    logits = extractor.all_features(imgs).logits
+    assert ((logits - expected_logits).abs().max() / expected_logits.abs().max()) < 1e-4
+    isc = _torch_fidelity_functions(os.path.join(pkg_dir, "metric_isc.py"), ("isc_features_to_metric",),
+                                    KEY_METRIC_ISC_MEAN="inception_score_mean", KEY_METRIC_ISC_STD="std")
+    from movq.evaluation.adm import inception_score
+
+    theirs_is = isc["isc_features_to_metric"](expected_logits, splits=1, shuffle=False)["inception_score_mean"]
+    assert inception_score(logits, split_size=len(logits)) == pytest.approx(theirs_is, rel=1e-4)
     # FID: torch-fidelity's own statistics and distance functions, taken from its metric_fid.py
     # (that module as a whole imports torchvision), on its features, against this project's
     # accumulator and torchmetrics path on ours.

@@ -271,6 +271,21 @@ def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
     assert not (tmp_path / "wandb").exists()
 
 
+def test_checkpoint_model_folders_carry_a_model_card(tmp_path, cache):
+    """Each model folder of a checkpoint gets a README.md with the run's data, settings and metrics."""
+    from huggingface_hub import ModelCard
+
+    fit(tiny_cfg(tmp_path / "run", cache, max_steps=2, grad_accum=1, eval_every=2, save_every=100))
+    psnr = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "eval"][-1]["val/psnr"]
+    for sub in ("model", "ema"):
+        card = ModelCard.load(tmp_path / "run" / "checkpoints" / "0000002" / sub / "README.md")
+        assert card.data.library_name == "movq"
+        assert "`data.source`: `builtin`" in card.text and "* step: `2`" in card.text
+        assert f"| val/psnr | {psnr:.6g} | 2 |" in card.text
+        assert "Measured on the EMA weights (`ema/`)" in card.text
+
+
 def test_eval_mode_restores_every_submodule_even_on_error(tmp_path, cache, monkeypatch):
     from movq.training.run import eval_mode
 

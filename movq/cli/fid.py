@@ -5,8 +5,15 @@
     python tools/fid.py --tokenizer CKPT DATA [--json OUT]      # rFID, PSNR, SSIM, LPIPS, usage
     accelerate launch tools/fid.py A B                          # split over processes / GPUs
 
+    python tools/fid.py REF SAMPLES --metrics all [--json OUT]  # + sFID, IS, precision / recall (ADM)
+
 A and B are each an image folder (recursive), webdataset shards (``data/shard-{000000..000009}.tar``),
-an ``.npz`` of uint8 NHWC images under ``arr_0``, or an ``.npz`` of statistics (``mu``, ``sigma``).
+an ``.npz`` of uint8 NHWC images under ``arr_0``, or an ``.npz`` of statistics (``mu``, ``sigma``, and
+``mu_s``, ``sigma_s`` for sFID), or both (ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz:
+their published statistics give FID / sFID, their images precision / recall).
+--metrics fid,sfid,is,pr (or all) computes ADM's evaluator's metrics from the same Inception pass; then
+the first source is the reference and the second the samples, as in ADM's ``evaluator.py REF SAMPLE``
+(IS is of the samples; one source alone is enough for --metrics is).
 The Inception weights (``weights-inception-2015-12-05-6726825d.pth``, as used by torch-fidelity
 and torchmetrics) are read from --inception-weights, $MOVQ_INCEPTION_WEIGHTS, or $MOVQ_CACHE_DIR
 (default ~/.cache/movq); nothing is downloaded. For a multi-process run on CPU add --cpu.
@@ -19,12 +26,29 @@ import logging
 import sys
 
 from movq.cli import setup_logging
-from movq.evaluation.fid import BACKENDS, compute_source_stats, frechet_distance
-from movq.evaluation.fid_sources import FIDError, FIDStats, ImageSource, open_source
+from movq.evaluation.fid import BACKENDS, compute_source_features, frechet_distance
+from movq.evaluation.fid_sources import FIDError, ImageSource, open_metric_source, open_source
 from movq.evaluation.inception import FIDInceptionV3, InceptionWeightsError, resolve_weights_path
 from movq.utils import atomic_write, output_problem
 
 logger = logging.getLogger("fid")
+
+METRICS = ("fid", "sfid", "is", "pr")
+# Which published protocol each number matches (the README's FID section says the same).
+PROTOCOLS = {
+    "fid": "torch-fidelity and ADM's evaluator: TF Inception 2015-12-05 pool_3, TF1 bilinear resize to 299",
+    "sfid": "ADM's evaluator: first 7 channels of mixed_6/conv (2023 features)",
+    "inception_score": "ADM's evaluator: unbiased logits, consecutive splits of 5000 (torch-fidelity: 10 shuffled)",
+    "precision_recall": "ADM's evaluator: k=3 nearest-neighbour manifolds of pool_3 features, float16 distances",
+}
+
+
+def _metrics(value: str) -> tuple[str, ...]:
+    names = METRICS if value == "all" else tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)} or all")
+    return names
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,18 +64,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int,
                    help="use the first N entries of each image source (unreadable ones are skipped and counted)")
     p.add_argument("--backend", choices=BACKENDS, default="torchmetrics", help="Fréchet distance implementation")
+    p.add_argument("--metrics", type=_metrics, default=("fid",), metavar="LIST",
+                   help="comma list of fid, sfid, is (Inception Score), pr (precision / recall), or all "
+                        "(default: fid); beyond fid the first source is the reference")
+    p.add_argument("--is-split-size", type=int, default=5000, metavar="N",
+                   help="Inception Score over consecutive splits of N samples (ADM: 5000, i.e. 10 splits of 50k)")
+    p.add_argument("--pr-float32", action="store_true",
+                   help="precision / recall distances in float32 (ADM's evaluator uses float16)")
     p.add_argument("--resolution", type=int, help="tokenizer mode: center-crop and resize to this (default: model's)")
     p.add_argument("--lpips-vgg", metavar="PATH", help="tokenizer mode: vgg16-397923af.pth (else the cache dir)")
     p.add_argument("--lpips-lin", metavar="PATH", help="tokenizer mode: LPIPS v0.1 vgg.pth (else the cache dir)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (needed for multi-process CPU runs)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 2):
-        p.error("--batch-size must be >= 1 and --max-images >= 2")
+    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 2) or args.is_split_size < 1:
+        p.error("--batch-size and --is-split-size must be >= 1 and --max-images >= 2")
     if args.tokenizer and len(args.sources) != 1:
         p.error("--tokenizer takes exactly one DATA source")
-    if not args.tokenizer and len(args.sources) == 1 and not args.save_stats:
-        p.error("give two sources to compare, or one with --save-stats")
+    if args.tokenizer and args.metrics != ("fid",):
+        p.error("--metrics is for comparing image sets; --tokenizer reports its own metrics")
+    one_ok = args.save_stats or set(args.metrics) == {"is"}
+    if not args.tokenizer and len(args.sources) == 1 and not one_ok:
+        p.error("give two sources to compare, or one with --save-stats (or with --metrics is)")
     if len(args.sources) > 2:
         p.error("at most two sources")
     for flag, path in (("--save-stats", args.save_stats), ("--json", args.json)):
@@ -76,36 +110,86 @@ def _write_json(path: str, results: dict) -> None:
 
 
 def run_fid(args) -> int:
-    opened = [open_source(s) for s in args.sources]  # fail on a bad source before loading anything
+    metrics = set(args.metrics)
+    sources = [open_metric_source(s) for s in args.sources]  # fail on a bad source before loading anything
+    last = len(sources) - 1
+    pair = len(sources) == 2
+    want_sfid = "sfid" in metrics and (pair or bool(args.save_stats))
+    plans = []
+    for i, src in enumerate(sources):
+        why = [reason for reason, needed in (
+            ("its statistics", src.stats is None),
+            ("sFID", want_sfid and src.spatial is None),
+            ("precision / recall", "pr" in metrics and pair),
+            ("the Inception Score", "is" in metrics and i == last)) if needed]
+        if why and src.images is None:
+            raise FIDError(f"{src.spec} holds statistics only (no arr_0 images); {' and '.join(why)} need images")
+        plans.append(why)
     results: dict = {"backend": args.backend, "sources": []}
-    is_main, extractor = True, None
-    if any(isinstance(o, ImageSource) for o in opened):
+    is_main = True
+    if any(plans):
         accelerator = _accelerator(args)
         is_main = accelerator.is_main_process
         extractor = _extractor(args, accelerator.device)
         results.update(num_processes=accelerator.num_processes, checksum_verified=not args.skip_checksum,
                        inception_weights=str(resolve_weights_path(args.inception_weights)))
-    stats = []
-    for spec, o in zip(args.sources, opened):
-        if isinstance(o, FIDStats):
-            stats.append(o)
-            results["sources"].append({"source": spec, "kind": "stats", "images": o.num_images})
+    stats, spatial, pools, logits = [], [], [], []
+    for i, (src, why) in enumerate(zip(sources, plans)):
+        if not why:  # a statistics file: its published numbers
+            stats.append(src.stats)
+            spatial.append(src.spatial)
+            pools.append(None)
+            logits.append(None)
+            results["sources"].append({"source": src.spec, "kind": "stats", "images": src.stats.num_images})
             continue
-        s, report = compute_source_stats(o, extractor, batch_size=args.batch_size, max_images=args.max_images,
-                                         progress=not args.no_progress)
-        stats.append(s)
-        results["sources"].append(report.as_dict())
-        if report.skipped or report.converted:
-            logger.info("%s: %d images, %d skipped, converted %s", spec, report.images, report.skipped,
-                        dict(report.converted))
+        out = compute_source_features(
+            src.images, extractor, batch_size=args.batch_size, max_images=args.max_images,
+            progress=not args.no_progress, spatial=want_sfid and src.spatial is None,
+            keep_pool="pr" in metrics and pair, keep_logits="is" in metrics and i == last)
+        stats.append(src.stats or out.stats)  # published statistics win, as in ADM's evaluator
+        spatial.append(src.spatial or out.spatial)
+        pools.append(out.pool)
+        logits.append(out.logits)
+        entry = out.report.as_dict()
+        if src.stats is not None:
+            entry["statistics"] = "published"  # FID / sFID from the file's mu / sigma (mu_s / sigma_s)
+        results["sources"].append(entry)
+        if out.report.skipped or out.report.converted:
+            logger.info("%s: %d images, %d skipped, converted %s", src.spec, out.report.images, out.report.skipped,
+                        dict(out.report.converted))
     if args.save_stats and is_main:
-        stats[0].save(args.save_stats)
+        stats[0].save(args.save_stats, spatial=spatial[0] if want_sfid else None)
         logger.info("statistics of %s (%d images) written to %s", args.sources[0], stats[0].num_images, args.save_stats)
     if not is_main:
-        return 0  # the statistics are global; rank 0 alone computes the distance and writes
-    if len(stats) == 2:
+        return 0  # the statistics and features are global; rank 0 alone computes the metrics and writes
+    lines = []
+    if "is" in metrics:
+        from movq.evaluation.adm import inception_score
+
+        results["inception_score"] = inception_score(logits[last], split_size=args.is_split_size)
+        lines.append(f"Inception Score: {results['inception_score']:.4f}")
+    if pair:
         results["fid"] = frechet_distance(stats[0], stats[1], backend=args.backend)
-        print(f"FID: {results['fid']:.4f}")
+        lines.append(f"FID: {results['fid']:.4f}")
+        if "sfid" in metrics:
+            results["sfid"] = frechet_distance(spatial[0], spatial[1], backend=args.backend)
+            lines.append(f"sFID: {results['sfid']:.4f}")
+        if "pr" in metrics:
+            from movq.evaluation.adm import precision_recall
+
+            try:
+                results["precision"], results["recall"] = precision_recall(
+                    pools[0].to(extractor.fc.weight.device), pools[1], fp16=not args.pr_float32)
+            except ValueError as e:  # too few images for the k-nearest-neighbour radii
+                raise FIDError(f"precision / recall: {e}") from None
+            lines += [f"Precision: {results['precision']:.4f}", f"Recall: {results['recall']:.4f}"]
+    if args.metrics != ("fid",):
+        results["metrics"] = list(args.metrics)
+        results["reference"], results["samples"] = args.sources[0], args.sources[last]
+        names = {"fid": "fid", "sfid": "sfid", "is": "inception_score", "pr": "precision_recall"}
+        results["protocol"] = {names[m]: PROTOCOLS[names[m]] for m in args.metrics}
+    for line in lines:
+        print(line)
     if args.json:
         _write_json(args.json, results)
     return 0

@@ -159,10 +159,10 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
 
 def _resolve(flag: str, path, kind: str, prefer: str = "ema"):
     """The model folder ``path`` names, or a ``SampleError`` that names the flag."""
-    from movq.models.pretrained import resolve_model_dir
+    from movq.models.pretrained import resolve_pretrained
 
-    try:
-        return resolve_model_dir(path, kind=kind, prefer=prefer)
+    try:  # a local run / checkpoint / model folder, or a Hub repo id through the Hub cache
+        return resolve_pretrained(path, kind=kind, prefer=prefer)
     except (OSError, ValueError) as e:
         raise SampleError(f"{flag} {path}: {e}") from None
 

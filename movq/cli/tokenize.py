@@ -44,7 +44,7 @@ from movq.data.tokens import (
     shard_done,
     write_token_manifest,
 )
-from movq.models.pretrained import WEIGHTS_NAME, resolve_model_dir
+from movq.models.pretrained import WEIGHTS_NAME, resolve_pretrained
 from movq.utils import sha256_file
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     error, plan = None, None
     try:
         try:
-            tok_dir = resolve_model_dir(args.tokenizer, kind="MoVQ")
+            tok_dir = resolve_pretrained(args.tokenizer, kind="MoVQ")  # a local folder or a Hub repo id
         except (OSError, ValueError) as e:
             raise type(e)(f"--tokenizer: {e}") from None
         model = MoVQ.from_pretrained(tok_dir).to(acc.device)
@@ -110,13 +110,13 @@ def main(argv=None) -> int:
         source = args.source or detect_source(args.data)
         if acc.is_main_process:  # the builtin dataset is built once, before the other ranks look
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: the builtin dataset's optional packages
         error = _message(e)
     acc.wait_for_everyone()
     if error is None and plan is None:
         try:
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:
             error = _message(e)
     if error is None and acc.is_main_process:
         h, w = (math.ceil(size / model.downsample_factor),) * 2

@@ -39,6 +39,16 @@ def summary_banner(summary: dict, accelerator: Accelerator, body: Sequence[str],
     ])
 
 
+def check_trackers(trackers) -> None:
+    """Accelerate silently drops a tracker whose package is missing; say so instead, naming movq's extra."""
+    import importlib.util
+
+    missing = [t for t in trackers if t in ("wandb", "tensorboard") and importlib.util.find_spec(t) is None]
+    if missing:
+        raise ModuleNotFoundError(f"train.trackers names {', '.join(missing)}, which is not installed: pip install "
+                                  f"'movq[{','.join(missing)}]'", name=missing[0])
+
+
 def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     """Load the config, build the trainer and fit; returns ``(trainer, summary, exit_code)``.
 
@@ -51,8 +61,9 @@ def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
 
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
+        check_trackers(cfg.train.trackers)
         trainer = trainer_cls(cfg)  # missing LPIPS / token files, bad loop settings: one-line errors
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:  # ImportError: an optional extra
         print(f"error: {e}", file=sys.stderr)
         return None, None, 2
     try:

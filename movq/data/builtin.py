@@ -38,13 +38,24 @@ _BUILTIN_SHARDS = {"train": 8, "val": 4}  # enough for 2 ranks x 2 workers to ea
 _BUILTIN_QUALITY = 95
 
 
+def require_photo_packages() -> None:
+    """The photographs ship inside scikit-image and scikit-learn, an optional extra of movq."""
+    missing = [pkg for pkg, module in (("scikit-image", "skimage"), ("scikit-learn", "sklearn"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"data.source=builtin crops photographs that ship inside scikit-image and scikit-learn, and "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'movq[builtin]' (or use data.source=folder / shards)", name="movq[builtin]")
+
+
 def _photo(name: str) -> np.ndarray:
     """[H, W, 3] uint8 of a photograph shipped inside scikit-learn or scikit-image (offline)."""
     if name in ("china", "flower"):
         # The file load_sample_image reads, opened directly: importing sklearn costs seconds.
         spec = importlib.util.find_spec("sklearn")
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError("the builtin dataset needs scikit-learn's sample images")
+            require_photo_packages()
         path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / f"{name}.jpg"
         with Image.open(path) as img:
             a = np.asarray(img.convert("RGB"))
@@ -95,6 +106,7 @@ def builtin_dataset(cfg: DataConfig) -> Path:
     root = cache_dir(cfg.cache_dir) / "builtin" / f"{cfg.image_size}px-{key}"
     if (root / "spec.json").is_file():  # written last, so the folder is complete
         return root
+    require_photo_packages()  # only to build it: a cached copy reads without them
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
     logger.info("building the builtin dataset in %s", root)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from movq.data.decode import images_to_uint8
 from movq.evaluation.fid_sources import FIDError, FIDStats, ImageSource, SourceReport
-from movq.evaluation.inception import FIDInceptionV3, InceptionWeightsError
+from movq.evaluation.inception import NUM_SPATIAL_FEATURES, FIDInceptionV3, InceptionWeightsError
 from movq.utils import rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,18 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass
+class SourceFeatures:
+    """What one Inception pass over a source gives (:func:`compute_source_features`). ``pool`` and
+    ``logits`` are kept per image, in the source's order, when asked for (precision / recall, IS)."""
+
+    stats: FIDStats  # pool_3 statistics: FID
+    report: SourceReport
+    spatial: Optional[FIDStats] = None  # mixed_6/conv statistics: sFID
+    pool: Optional[Tensor] = None  # [N, 2048] float32
+    logits: Optional[Tensor] = None  # [N, 1008] float32
+
+
 def compute_source_stats(
     source: ImageSource,
     extractor: FIDInceptionV3,
@@ -187,17 +200,51 @@ def compute_source_stats(
     Images of different sizes share a batch: the extractor resizes each one to 299² on its own.
     Returns stats and the report summed over ranks.
     """
+    out = compute_source_features(source, extractor, batch_size=batch_size, max_images=max_images, progress=progress)
+    return out.stats, out.report
+
+
+def compute_source_features(
+    source: ImageSource,
+    extractor: FIDInceptionV3,
+    *,
+    batch_size: int = 50,
+    max_images: Optional[int] = None,
+    progress: bool = False,
+    spatial: bool = False,
+    keep_pool: bool = False,
+    keep_logits: bool = False,
+) -> SourceFeatures:
+    """FID statistics of a source and, from the same pass, sFID's statistics (``spatial``) and each
+    image's pool features / logits in source order (``keep_pool``, ``keep_logits``; gathered from every
+    rank, so each rank holds them all). The FID statistics are those of :func:`compute_source_stats`."""
     rank, world = rank_and_world()[0], rank_and_world()[1]
     report = source.new_report()
-    acc = FeatureAccumulator(extractor.num_features, device=_device_of(extractor))
+    device = _device_of(extractor)
+    acc = FeatureAccumulator(extractor.num_features, device=device)
+    acc_s = FeatureAccumulator(NUM_SPATIAL_FEATURES, device=device) if spatial else None
+    every_output = spatial or keep_pool or keep_logits
     pending: list[np.ndarray] = []
+    keys: list[tuple[int, int]] = []
+    pools: list[Tensor] = []
+    logits: list[Tensor] = []
 
     def flush():
         if len({img.shape for img in pending}) == 1:
             batch = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2)  # [B, 3, H, W]
         else:
             batch = [torch.from_numpy(img).permute(2, 0, 1) for img in pending]  # B x [3, H_i, W_i]
-        acc.update(extractor(batch))
+        if not every_output:
+            acc.update(extractor(batch))
+        else:
+            out = extractor.all_features(batch)
+            acc.update(out.pool)
+            if acc_s is not None:
+                acc_s.update(out.spatial)
+            if keep_pool:
+                pools.append(out.pool.cpu())
+            if keep_logits:
+                logits.append(out.logits.cpu())
         pending.clear()
 
     total = source.expected(max_images)
@@ -207,8 +254,9 @@ def compute_source_stats(
 
         share = None if total is None else -(-total // world)
         bar = tqdm(total=share, desc=f"FID {source.spec}", unit="img", dynamic_ncols=True)
-    for img in source.iterate(report, rank, world, max_images):
+    for key, img in source.iterate_keyed(report, rank, world, max_images):
         pending.append(np.require(img, requirements=["C", "W"]))  # torch wants writable, contiguous
+        keys.append(key)
         if len(pending) == batch_size:
             flush()
         if bar is not None:
@@ -218,6 +266,8 @@ def compute_source_stats(
     if bar is not None:
         bar.close()
     acc.all_reduce_()
+    if acc_s is not None:
+        acc_s.all_reduce_()
     report = gather_report(report)
     if len(report.sizes) > 1:
         common = ", ".join(f"{k}: {v}" for k, v in report.sizes.most_common(3))
@@ -227,7 +277,24 @@ def compute_source_stats(
         raise FIDError(
             f"{source.spec}: {int(acc.count)} readable image(s) ({report.skipped} skipped); FID needs at least 2"
         )
-    return acc.stats(source.spec), report
+    kept = {name: _in_source_order(keys, parts) for name, parts, want in
+            (("pool", pools, keep_pool), ("logits", logits, keep_logits)) if want}
+    return SourceFeatures(acc.stats(source.spec), report, acc_s.stats(f"{source.spec} (spatial)") if acc_s else None,
+                          kept.get("pool"), kept.get("logits"))
+
+
+def _in_source_order(keys: list[tuple[int, int]], parts: list[Tensor]) -> Tensor:
+    """This rank's per-image rows, joined with every other rank's and sorted by their place in the source."""
+    rows = torch.cat(parts) if parts else torch.zeros(0)
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * rank_and_world()[1]
+        dist.all_gather_object(gathered, (keys, rows.numpy()))
+        keys = [k for part_keys, _ in gathered for k in part_keys]
+        rows = torch.cat([torch.from_numpy(r) for _, r in gathered if len(r)])
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return rows[order]
 
 
 def gather_report(report: SourceReport) -> SourceReport:

@@ -80,10 +80,26 @@ class FIDStats:
                 raise
             raise FIDError(f"{path}: not a readable .npz of statistics ({e})") from None
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write ``mu``, ``sigma``, ``num_images`` atomically (temp file + rename)."""
+    def save(self, path: Union[str, Path], spatial: Optional[FIDStats] = None) -> None:
+        """Write ``mu``, ``sigma``, ``num_images`` atomically (temp file + rename); with ``spatial`` also
+        ``mu_s``, ``sigma_s``, as ADM's reference batches hold sFID's statistics."""
+        extra = {} if spatial is None else {"mu_s": spatial.mu, "sigma_s": spatial.sigma}
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
-            np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images))
+            np.savez(f, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images), **extra)
+
+    @classmethod
+    def load_spatial(cls, path: Union[str, Path]) -> Optional[FIDStats]:
+        """sFID's statistics ``mu_s`` / ``sigma_s`` of a statistics file (ADM's layout), or None without them."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if not {"mu_s", "sigma_s"} <= set(f.files):
+                    return None
+                n = int(f["num_images"]) if "num_images" in f.files else 0
+                return cls.from_arrays(f["mu_s"], f["sigma_s"], n, name=f"{path} (mu_s / sigma_s)")
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            if isinstance(e, FIDError):
+                raise
+            raise FIDError(f"{path}: not a readable .npz of statistics ({e})") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -169,14 +185,22 @@ class ImageSource:
     def iterate(
         self, report: SourceReport, rank: int = 0, world: int = 1, max_images: Optional[int] = None
     ) -> Iterator[np.ndarray]:
+        for _, img in self.iterate_keyed(report, rank, world, max_images):
+            yield img
+
+    def iterate_keyed(
+        self, report: SourceReport, rank: int = 0, world: int = 1, max_images: Optional[int] = None
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """``iterate`` with each image's place in the source, ``(shard, entry)`` (``(0, i)`` for folders and
+        ``.npz``): sorting by it gives the source's own order whatever the number of ranks."""
         limit = max_images if max_images is not None else float("inf")
         read = {"folder": self._folder, "npz": self._npz, "shards": self._shards}[self.kind]
         # closing(): a consumer that stops early closes the reader's open zip / tar file at once
         with contextlib.closing(read(report, rank, world, limit)) as images:
-            for img in images:
+            for key, img in images:
                 report.images += 1
                 report.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
-                yield img
+                yield key, img
 
     def _folder(self, report, rank, world, limit):
         for i in range(rank, min(len(self.paths), limit), world):
@@ -188,7 +212,7 @@ class ImageSource:
                 logger.warning("FID: skipped unreadable image %s (%s)", path, e)
                 continue
             _note(report, conversions)
-            yield arr
+            yield (0, i), arr
 
     def _npz(self, report, rank, world, limit):
         path = self.paths[0]
@@ -205,18 +229,19 @@ class ImageSource:
                 block = block.reshape(k, *shape[1:])
                 for j in range(k):
                     if (start + j) % world == rank:
-                        yield array_to_rgb(block[j], report)
+                        yield (0, start + j), array_to_rgb(block[j], report)
 
     def _shards(self, report, rank, world, limit):
         # With at least one shard per rank (and no cap to count against), ranks split whole
         # shards and each byte is read once; otherwise every rank walks every shard and decodes
         # its own positions.
         by_shard = len(self.paths) >= world and limit == float("inf")
-        shards = self.paths[rank::world] if by_shard else self.paths
+        numbers = range(rank, len(self.paths), world) if by_shard else range(len(self.paths))
         if by_shard:
             rank, world = 0, 1
         i = 0
-        for shard in shards:
+        for number in numbers:
+            shard, entry = self.paths[number], 0
             seen: set[str] = set()
             try:
                 with tarfile.open(shard, mode="r|*") as tar:
@@ -230,7 +255,7 @@ class ImageSource:
                             continue
                         seen.add(key)  # one image per webdataset sample
                         mine = i % world == rank
-                        i += 1
+                        i, entry = i + 1, entry + 1
                         if not mine:
                             continue
                         try:
@@ -239,7 +264,7 @@ class ImageSource:
                             report.skipped += 1
                             logger.warning("FID: skipped unreadable %s in %s (%s)", member.name, shard, e)
                             continue
-                        yield arr
+                        yield (number, entry - 1), arr
             except (tarfile.TarError, EOFError, OSError) as e:
                 report.skipped += 1
                 logger.warning("FID: shard %s is truncated or corrupt after %d images (%s); rest skipped", shard, i, e)
@@ -267,6 +292,33 @@ def _expand_shards(spec: str) -> list[str]:
     for part in braceexpand(spec):
         out.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
     return out
+
+
+@dataclass
+class MetricSource:
+    """One input of the ADM metrics: its statistics where a file publishes them (FID: ``mu`` / ``sigma``,
+    sFID: ``mu_s`` / ``sigma_s``), and its images where it has them (an image source, or ``arr_0`` of an
+    ADM reference batch such as ``VIRTUAL_imagenet256_labeled.npz``, which holds both)."""
+
+    spec: str
+    stats: Optional[FIDStats] = None
+    spatial: Optional[FIDStats] = None
+    images: Optional[ImageSource] = None
+
+
+def open_metric_source(spec: Union[str, Path]) -> MetricSource:
+    """Like :func:`open_source`, also reading the images and spatial statistics of a statistics file."""
+    spec = str(spec)
+    opened = open_source(spec)
+    if isinstance(opened, ImageSource):
+        return MetricSource(spec, images=opened)
+    images = None
+    with zipfile.ZipFile(Path(spec).expanduser()) as zf:
+        if "arr_0.npy" in zf.namelist():
+            with zf.open("arr_0.npy") as f:
+                shape, _ = _npy_header(f, spec)
+            images = ImageSource(spec, "npz", [Path(spec).expanduser()], total=shape[0])
+    return MetricSource(spec, opened, FIDStats.load_spatial(Path(spec).expanduser()), images)
 
 
 def open_source(spec: Union[str, Path]) -> Union[ImageSource, FIDStats]:

@@ -7,7 +7,12 @@ torch-fidelity (and torchmetrics): same layer names, so the same weights file
 ``weights-inception-2015-12-05-6726825d.pth`` loads; the same quirks of the TF graph (average
 pools that ignore padding, a max pool in the last block, BatchNorm eps 1e-3); and torch-fidelity's
 preprocessing (uint8 input, TF1's bilinear resize to 299×299 without half-pixel centers, then
-``(x - 128) / 128``). Output: the 2048-d global-average-pooled features of ``Mixed_7c``.
+``(x - 128) / 128``). Output: the 2048-d global-average-pooled features of ``Mixed_7c``; with
+:meth:`FIDInceptionV3.all_features` also what ADM's evaluator (Dhariwal & Nichol 2021,
+guided-diffusion ``evaluations/evaluator.py``) reads from the same pass: the spatial features of sFID
+(the first 7 channels of ``mixed_6/conv``, the 1×1 branch of ``Mixed_6d``, 17×17, flattened in TF's
+NHWC order: 2023 values) and the logits of the Inception Score (the pool features times the softmax
+weights, without the bias: ADM's ``softmax/logits/MatMul``, torch-fidelity's ``logits_unbiased``).
 FIDs therefore equal torch-fidelity's, and torchmetrics' with ``antialias=False`` (its default
 antialiased resize, and pytorch-fid's ``F.interpolate`` resize, differ by about one grey level
 on 256² inputs: their FIDs are close but not identical).
@@ -22,7 +27,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +52,17 @@ INPUT_SIZE = 299
 NUM_FEATURES = 2048
 NUM_CLASSES = 1008  # the TF graph's softmax has 1008 outputs (1000 classes + unused slots)
 BN_EPS = 1e-3  # TF's batchnorm epsilon, not torch's 1e-5
+SPATIAL_CHANNELS = 7  # sFID keeps the first 7 of mixed_6/conv's 192 channels (ADM: spatial[..., :7])
+SPATIAL_SIZE = 17  # mixed_6/conv is 17×17
+NUM_SPATIAL_FEATURES = SPATIAL_CHANNELS * SPATIAL_SIZE * SPATIAL_SIZE  # 2023
+
+
+class InceptionFeatures(NamedTuple):
+    """One Inception pass: what FID, sFID, precision / recall and the Inception Score read."""
+
+    pool: Tensor  # [B, 2048] pool_3: FID, precision / recall
+    spatial: Tensor  # [B, 2023] mixed_6/conv[..., :7] flattened (h, w, c): sFID
+    logits: Tensor  # [B, 1008] pool_3 @ softmax weights, no bias: Inception Score
 
 
 class InceptionWeightsError(RuntimeError):
@@ -293,7 +309,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = Reduce17(768)
         self.Mixed_7b = Block8(1280, pool="avg")
         self.Mixed_7c = Block8(2048, pool="max")
-        # Unused for FID; kept so the standard file loads with every key accounted for.
+        # The softmax layer: its weights give the Inception Score's logits (all_features); FID does not use it.
         self.fc = nn.Linear(NUM_FEATURES, NUM_CLASSES)
         self.requires_grad_(False)
         self.eval()
@@ -302,8 +318,9 @@ class FIDInceptionV3(nn.Module):
         # BatchNorm must always use the stored TF statistics, whatever a caller's .train() says.
         return super().train(False)
 
-    def features(self, x: Tensor) -> Tensor:
-        """Preprocessed float [B, 3, 299, 299] -> [B, 2048]."""
+    def features(self, x: Tensor, spatial: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """Preprocessed float [B, 3, 299, 299] -> [B, 2048], or with ``spatial`` (pool [B, 2048],
+        spatial [B, 2023])."""
         x = self.Conv2d_1a_3x3(x)  # [B, 32, 149, 149]
         x = self.Conv2d_2a_3x3(x)  # [B, 32, 147, 147]
         x = self.Conv2d_2b_3x3(x)  # [B, 64, 147, 147]
@@ -314,12 +331,16 @@ class FIDInceptionV3(nn.Module):
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d):
             x = block(x)  # [B, 256 | 288 | 288, 35, 35]
         x = self.Mixed_6a(x)  # [B, 768, 17, 17]
-        for block in (self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
-            x = block(x)  # [B, 768, 17, 17]
+        x = self.Mixed_6c(self.Mixed_6b(x))  # [B, 768, 17, 17]
+        if spatial:  # TF's mixed_6/conv: Mixed_6d's 1x1 branch (conv, BN, ReLU), as Mixed_6d computes it
+            s = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # [B, 7, 17, 17]
+            s = s.permute(0, 2, 3, 1).flatten(1)  # [B, 2023] in TF's (h, w, c) order
+        x = self.Mixed_6e(self.Mixed_6d(x))  # [B, 768, 17, 17]
         x = self.Mixed_7a(x)  # [B, 1280, 8, 8]
         x = self.Mixed_7b(x)  # [B, 2048, 8, 8]
         x = self.Mixed_7c(x)  # [B, 2048, 8, 8]
-        return x.mean(dim=(2, 3))  # [B, 2048]
+        pool = x.mean(dim=(2, 3))  # [B, 2048]
+        return (pool, s) if spatial else pool
 
     @torch.no_grad()
     def forward(self, images: Union[Tensor, Sequence[Tensor]]) -> Tensor:
@@ -328,6 +349,17 @@ class FIDInceptionV3(nn.Module):
         images = images.to(device) if isinstance(images, Tensor) else [img.to(device) for img in images]
         with torch.autocast(device.type, enabled=False), _fp32_convs(device):
             return self.features(preprocess(images)).float()
+
+    @torch.no_grad()
+    def all_features(self, images: Union[Tensor, Sequence[Tensor]]) -> InceptionFeatures:
+        """Like ``forward``, plus the spatial features (sFID) and the unbiased logits (IS) of the same pass;
+        ``pool`` equals ``forward(images)``."""
+        device = self.Conv2d_1a_3x3.conv.weight.device
+        images = images.to(device) if isinstance(images, Tensor) else [img.to(device) for img in images]
+        with torch.autocast(device.type, enabled=False), _fp32_convs(device):
+            pool, spatial = self.features(preprocess(images), spatial=True)
+            logits = F.linear(pool, self.fc.weight)  # ADM's softmax/logits/MatMul: no bias
+        return InceptionFeatures(pool.float(), spatial.float(), logits.float())
 
     @classmethod
     def from_pretrained(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from movq.config import PriorConfig, SampleConfig, load_config, to_dict
 from movq.models.autoencoder import MoVQ
 from movq.models.maskgit import MaskGIT
-from movq.models.pretrained import LEGACY_CONFIG_NAME, resolve_model_dir
+from movq.models.pretrained import LEGACY_CONFIG_NAME, resolve_pretrained
 from movq.utils import PathLike, atomic_write
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -66,8 +66,9 @@ def load_sampling_defaults(folder: PathLike) -> SamplingDefaults:
 
 
 def load_prior(path: PathLike, map_location: str = "cpu", prefer: str = "ema") -> tuple[MaskGIT, SamplingDefaults]:
-    """``(MaskGIT in eval mode, its sampling defaults)`` from a model, checkpoint or run folder."""
-    folder = resolve_model_dir(path, kind="MaskGIT", prefer=prefer)
+    """``(MaskGIT in eval mode, its sampling defaults)`` from a model, checkpoint or run folder, or a Hub
+    repo id (through the Hub cache)."""
+    folder = resolve_pretrained(path, kind="MaskGIT", prefer=prefer)
     return MaskGIT.from_pretrained(folder, map_location), load_sampling_defaults(folder)
 
 

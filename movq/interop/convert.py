@@ -570,7 +570,8 @@ def convert(source: str, src: Union[str, os.PathLike], *, source_config: Union[s
 def save_converted(result: ConvertResult, dst: Union[str, os.PathLike], src: str = "") -> Path:
     """``save_pretrained`` into ``dst`` plus a ``conversion.json`` saying what was converted and dropped."""
     dst = Path(dst)
-    result.model.save_pretrained(dst)
+    source = {"format": result.source, "file": str(src), **({"notes": result.notes} if result.notes else {})}
+    result.model.save_pretrained(dst, model_card_kwargs={"source": source})
     info = {"source_format": result.source, "source": str(src), "dropped_keys": result.dropped, "notes": result.notes}
     atomic_write(dst / "conversion.json", json.dumps(info, indent=2) + "\n")
     return dst

@@ -144,13 +144,24 @@ class EncodeOutput(NamedTuple):
     quant: QuantizerOutput  # loss, codebook_loss, commitment_loss, perplexity, usage
 
 
-class MoVQ(PretrainedModel):
+class MoVQ(PretrainedModel, tags=["image-tokenizer", "vqgan", "movq"]):
     """Encoder → quant_conv → multichannel quantizer → post_quant_conv → Decoder(·, zq).
 
     Built from a :class:`MoVQConfig` (or a :class:`TokenizerConfig`, whose ``model`` and ``quantizer``
     sections it takes); ``save_pretrained`` / ``from_pretrained`` keep the architecture only."""
 
     config_class = MoVQConfig
+    card_title = "MoVQ image tokenizer"
+
+    @classmethod
+    def card_summary(cls, config: MoVQConfig) -> str:
+        m, q = config.model, config.quantizer
+        f = 2 ** (len(m.channel_mult) - 1)
+        decoder = ("a decoder modulated by the quantized map (SpatialNorm, MoVQ: Zheng et al., NeurIPS 2022)"
+                   if m.norm == "spatial" else "a plain GroupNorm decoder (the VQGAN baseline)")
+        return (f"A VQ image tokenizer with {decoder}: {m.resolution}² images → {m.resolution // f}² cells × "
+                f"{q.channels} channel(s) (f{f}), one codebook of {q.codebook_size} codes of width {q.dim}. "
+                "Images are [B, 3, H, W] in [-1, 1]; tokens are int64 [B, C, h, w].")
 
     def __init__(self, config: Union[MoVQConfig, TokenizerConfig]):
         super().__init__()

@@ -77,10 +77,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MaskGIT(PretrainedModel):
+class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
     """The prior: ``forward(tokens [B, C, h, w], labels [B]) -> logits [B, C, h, w, K]``."""
 
     config_class = MaskGITConfig
+    card_title = "MaskGIT prior over MoVQ tokens"
+
+    @classmethod
+    def card_summary(cls, config: MaskGITConfig) -> str:
+        h, w = config.grid_hw
+        classes = f"{config.num_classes} classes" if config.num_classes else "unconditional"
+        return (f"A MaskGIT prior (Chang et al., CVPR 2022) over {h}×{w} cells × {config.channels} channels of "
+                f"tokens from a {config.codebook_size}-code MoVQ tokenizer; {classes}; transformer width "
+                f"{config.width}, depth {config.depth}, {config.heads} heads.")
 
     def __init__(self, config: Union[MaskGITConfig, dict, str, None] = None):
         super().__init__()

@@ -35,6 +35,7 @@ from accelerate.utils import gather_object, set_seed
 from torch import nn
 
 from movq.config import to_dict
+from movq.models.hub import write_checkpoint_cards
 from movq.training.checkpoints import Checkpointer, ResumeError
 from movq.training.ema import EMA
 from movq.training.run import RunDir, StepGuard, StopFlag, make_accelerator, mean_logs
@@ -87,7 +88,7 @@ class TrainLoop:
         self.build()
         set_seed(t.seed * acc.num_processes + acc.process_index)  # per-rank runtime randomness (DiT)
         self.guard = StepGuard(t.max_bad_steps)
-        self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints, self.write_weights,
+        self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints, self._write_weights_and_cards,
                                          self.read_weights)
         self.step = 0
         self.seen = 0  # rows of batches trained on, over all ranks
@@ -127,6 +128,11 @@ class TrainLoop:
 
     def compute_fid(self) -> Optional[float]:
         return None
+
+    def _write_weights_and_cards(self, folder: Path) -> None:
+        """``write_weights``, then each model folder's card gets this run's data, settings and metrics."""
+        self.write_weights(folder)
+        write_checkpoint_cards(folder, self.cfg, self.run.root, self.step, processes=self.acc.num_processes)
 
     # ------------------------------------------------------------------ helpers for trainers
     def make_ema(self, model: nn.Module) -> Optional[EMA]:
