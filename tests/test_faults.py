@@ -166,6 +166,26 @@ def test_group_signals_sigusr1_saves_and_goes_on_sigterm_saves_and_stops(tmp_pat
     _wait(lambda: not _alive(group), 15, "every process of the run to end")
 
 
+ERROR_WITH_A_LIVE_LOADER = """
+import sys
+from movq.config import DataConfig
+from movq.data.stream import build_dataloader
+cfg = DataConfig(source="builtin", image_size=16, batch_size=2, num_workers=1, cache_dir=sys.argv[1],
+                 builtin_train_size=32, builtin_val_size=4)
+it = iter(build_dataloader(cfg, "val"))
+next(it)
+raise RuntimeError("boom with a loader worker alive")
+"""
+
+
+def test_an_error_with_a_live_loader_worker_still_exits(tmp_path, cache):
+    """Workers ignore SIGTERM (above), which multiprocessing's exit uses to end them before it waits for
+    them: an exit with a loader still referenced (here by the traceback) must not wait forever."""
+    res = subprocess.run([sys.executable, "-c", ERROR_WITH_A_LIVE_LOADER, str(cache)], env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "boom with a loader worker alive" in res.stderr, res.stderr[-2000:]
+
+
 def _checkpointer(tmp_path, keep: int):
     from accelerate import Accelerator
 
