@@ -24,6 +24,33 @@ class ConfigError(ValueError):
     """A config file or override that does not match the dataclass it describes."""
 
 
+class ConfigValueError(ConfigError):
+    """A value outside what its field allows. ``key`` is the field's name within its section; the loader
+    and :func:`check_config` turn it into the full dotted key (``model.base_channels``)."""
+
+    def __init__(self, owner: str, key: str, reason: str):
+        super().__init__(f"{owner}.{key} {reason}")
+        self.key, self.reason = key, reason
+
+
+def _require(owner: str, *checks: tuple[bool, str, str]) -> None:
+    """Raise ``ConfigValueError`` for the first ``(ok, key, reason)`` that is not ok."""
+    for ok, key, reason in checks:
+        if not ok:
+            raise ConfigValueError(owner, key, reason)
+
+
+def _at_least(obj: Any, key: str, low: float) -> tuple[bool, str, str]:
+    value = getattr(obj, key)
+    return value >= low, key, f"must be ≥ {low}, got {value}"
+
+
+def _fraction(obj: Any, key: str) -> tuple[bool, str, str]:
+    """A decay or dropout rate: in [0, 1)."""
+    value = getattr(obj, key)
+    return 0 <= value < 1, key, f"must lie in [0, 1), got {value}"
+
+
 # --------------------------------------------------------------------------------------
 # Stage 1: the tokenizer
 # --------------------------------------------------------------------------------------
@@ -54,6 +81,23 @@ class ModelConfig:
     mid_attention: bool = True
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require(
+            "ModelConfig",
+            *(_at_least(self, k, 1) for k in ("in_channels", "out_channels", "resolution", "base_channels",
+                                               "num_res_blocks", "norm_groups")),
+            (len(self.channel_mult) > 0 and min(self.channel_mult) >= 1, "channel_mult",
+             f"must be a non-empty list of multipliers ≥ 1, got {list(self.channel_mult)}"),
+            (all(r >= 1 for r in self.attn_resolutions), "attn_resolutions",
+             f"must be feature-map sizes ≥ 1, got {list(self.attn_resolutions)}"),
+            _fraction(self, "dropout"),
+            (self.z_channels is None or self.z_channels >= 1, "z_channels", f"must be ≥ 1 or null, got {self.z_channels}"),
+            (self.norm in ("spatial", "group"), "norm", f"must be spatial or group, got {self.norm!r}"),
+        )
+
 
 @dataclass
 class QuantizerConfig:
@@ -78,6 +122,19 @@ class QuantizerConfig:
     usage_window: int = 1000  # a code counts as "used" if it was chosen in the last N training steps
     chunk_size: int = 8192  # rows per chunk of the torch nearest-code search (bounds memory)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require(
+            "QuantizerConfig",
+            _at_least(self, "codebook_size", 2), _at_least(self, "channels", 1), _at_least(self, "dim", 1),
+            _at_least(self, "beta", 0), _at_least(self, "kmeans_iters", 0), _at_least(self, "dead_code_threshold", 0),
+            (0 < self.ema_decay < 1, "ema_decay", f"must lie in (0, 1), got {self.ema_decay}"),
+            (0 < self.usage_decay < 1, "usage_decay", f"must lie in (0, 1), got {self.usage_decay}"),
+            _at_least(self, "usage_window", 1), _at_least(self, "chunk_size", 1),
+        )
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -87,6 +144,18 @@ class DiscriminatorConfig:
     base_channels: int = 64
     n_layers: int = 3
     norm: Literal["batch", "spectral", "none"] = "batch"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require("DiscriminatorConfig", _at_least(self, "in_channels", 1), _at_least(self, "base_channels", 1),
+                 _at_least(self, "n_layers", 1))
+
+    def min_image_size(self) -> int:
+        """The smallest input with at least one patch logit: ``n_layers`` 4×4 stride-2 convolutions halve
+        the size (rounding down), then two 4×4 stride-1 ones take one pixel each."""
+        return 3 * 2**self.n_layers
 
 
 @dataclass
@@ -104,6 +173,18 @@ class LossConfig:
     disc_start: int = 10000  # GAN terms are off before this step (generator and discriminator)
     adaptive_weight_max: float = 1e4
     adaptive_weight_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require(
+            "LossConfig",
+            *(_at_least(self, k, 0) for k in ("l1_weight", "l2_weight", "perceptual_weight", "codebook_weight",
+                                               "disc_weight", "disc_factor", "disc_start")),
+            (self.adaptive_weight_max > 0, "adaptive_weight_max", f"must be > 0, got {self.adaptive_weight_max}"),
+            (self.adaptive_weight_eps > 0, "adaptive_weight_eps", f"must be > 0, got {self.adaptive_weight_eps}"),
+        )
 
 
 @dataclass
@@ -126,6 +207,29 @@ class DataConfig:
     shuffle_buffer: int = 1000  # encoded samples held per worker to shuffle within shards
     random_flip: bool = True
     seed: int = 0  # data order, augmentation and the builtin dataset's crops
+    # Check each shard's sha256 against its manifest when a loader process first reads it (a hash pass
+    # over the file before its samples are used; loader workers are new processes every epoch).
+    verify: bool = True
+    # A shard that cannot be used (unreadable, sha256 or sample count not as in its manifest, listed but
+    # missing, no usable image): "skip" counts its samples as skipped (data_skipped/shard_*) and goes on
+    # with the others, so one bad shard in thousands costs its samples, not the run (nor every resume of
+    # it); "error" stops with a line naming the shard.
+    on_bad_shard: Literal["skip", "error"] = "skip"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require(
+            "DataConfig",
+            (self.source in ("builtin", "folder", "shards"), "source", f"must be builtin, folder or shards, got {self.source!r}"),
+            *(_at_least(self, k, 1) for k in ("image_size", "batch_size", "builtin_train_size", "builtin_val_size",
+                                               "shuffle_buffer")),
+            _at_least(self, "num_workers", 0),
+            (self.epoch_length is None or self.epoch_length >= 1, "epoch_length",
+             f"must be ≥ 1 (or null: the dataset size), got {self.epoch_length}"),
+            (self.on_bad_shard in ("skip", "error"), "on_bad_shard", f"must be skip or error, got {self.on_bad_shard!r}"),
+        )
 
 
 @dataclass
@@ -156,6 +260,28 @@ class TrainConfig:
     fid_num_images: int = 1000
     inception_weights: Optional[str] = None
     fid_reference: Optional[str] = None  # .npz of mu/sigma for the eval set
+    # Seconds a collective (all-reduce, barrier, broadcast) may wait for the other ranks: after that a rank
+    # that froze or died ends the run on every live rank (an error line, exit code 4) instead of a hang.
+    # It bounds the longest gap between two steps' collectives too (rank 0 alone writing a checkpoint,
+    # FID reference statistics), hence minutes rather than seconds.
+    dist_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require(
+            "TrainConfig",
+            _at_least(self, "max_steps", 0), (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
+            (self.disc_lr is None or self.disc_lr > 0, "disc_lr", f"must be > 0 (or null: lr), got {self.disc_lr}"),
+            (all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {list(self.betas)}"),
+            _at_least(self, "weight_decay", 0), _at_least(self, "warmup_steps", 0), _at_least(self, "grad_clip", 0),
+            _at_least(self, "grad_accum", 1), _fraction(self, "ema_decay"),
+            *(_at_least(self, k, 1) for k in ("log_every", "eval_every", "save_every", "keep_checkpoints",
+                                               "fid_num_images")),
+            _at_least(self, "max_bad_steps", 0), _at_least(self, "fid_every", 0),
+            (self.dist_timeout > 0, "dist_timeout", f"must be > 0 seconds, got {self.dist_timeout}"),
+        )
 
 
 @dataclass
@@ -270,6 +396,12 @@ class TokenDataConfig:
     # unconditional model, num_classes 0, stays unconditional).
     model_shape: Literal["check", "from_tokens"] = "check"
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require("TokenDataConfig", _at_least(self, "batch_size", 1))
+
 
 @dataclass
 class SampleConfig:
@@ -282,6 +414,14 @@ class SampleConfig:
     cfg_schedule: Literal["constant", "linear"] = "constant"
     grid_images: int = 16  # samples in the periodic grid
     inpaint_images: int = 4  # token maps of the training data in the inpainting example
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _require("SampleConfig", _at_least(self, "steps", 1), _at_least(self, "temperature", 0),
+                 _at_least(self, "choice_temperature", 0), _at_least(self, "cfg_scale", 0),
+                 _at_least(self, "grid_images", 0), _at_least(self, "inpaint_images", 0))
 
 
 @dataclass
@@ -398,7 +538,11 @@ def _build(cls: type[T], data: dict, prefix: str, origin: str) -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key, origin)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as e:
+        key = f"{prefix}.{e.key}" if prefix else e.key
+        raise ConfigError(f"config key '{key}' in {origin}: {e.reason}") from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -489,6 +633,21 @@ def to_dict(cfg: Any) -> dict:
 
     return plain(cfg)
 
+
+
+def check_config(cfg: Any, prefix: str = "") -> None:
+    """Run every section's range checks again (values set after construction skip ``__post_init__``);
+    ``ConfigError`` naming the dotted key of the first bad value."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_config(value, f"{prefix}{f.name}.")
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigValueError as e:
+            raise ConfigError(f"config key '{prefix}{e.key}': {e.reason}") from None
 
 
 def save_config(cfg: Any, path: Union[str, os.PathLike]) -> None:

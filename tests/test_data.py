@@ -265,7 +265,7 @@ def test_unreadable_shard_fails_clearly(tmp_path):
     cfg = DataConfig(source="shards", train=str(tmp_path / "text-000000.tar"),
                      val=str(tmp_path / "text-000000.tar"), image_size=32, batch_size=2,
                      num_workers=0, epoch_length=4)
-    with pytest.raises(RuntimeError, match=r"text-000000.tar is unreadable.*not_image"):
+    with pytest.raises(RuntimeError, match=r"text-000000.tar is unusable.*not_image"):
         _batches(cfg, "train")
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file at all" * 40)
     cfg.val = str(tmp_path / "junk.tar")

@@ -54,7 +54,7 @@ def test_one_file_gives_one_tensor_everywhere(tmp_path, name):
 
     # 2. tokenizing: the chunk's bytes through the same crop
     plan = plan_inputs("folder", str(tmp_path / "img"), image_size=S)
-    data = {key: raw for key, raw, _, _ in iter_chunk(plan, plan.chunks[0])}
+    data = {key: raw for key, raw, _, _, _ in iter_chunk(plan, plan.chunks[0])}
     tokenized = images_from_uint8(torch.from_numpy(load_image(data[name.rpartition(".")[0]], S)[0].copy())[None])
     assert torch.equal(tokenized, expected)
 

@@ -169,9 +169,10 @@ def test_plan_shards_in_several_folders(tmp_path):
     assert tokenize_dataset.plan_inputs("shards", f"{b}::{c}", labels=False).classes == []
 
 
-def test_unreadable_input_shard_fails_clearly(tmp_path, tok, capsys):
-    """A shard unreadable from its start is an error naming it, with no token shard for it (as
-    the training loader refuses it); bad images inside a readable shard are skipped and counted."""
+def test_unreadable_input_shard_is_counted_or_fails_clearly(tmp_path, tok, capsys):
+    """A shard unreadable from its start is skipped and counted, as the training loader does, or with
+    --on-bad-shard error an error naming it, with no token shard for it; bad images inside a readable
+    shard are skipped and counted."""
     from movq.data.shards import ShardWriter
 
     png = io.BytesIO()
@@ -185,16 +186,19 @@ def test_unreadable_input_shard_fails_clearly(tmp_path, tok, capsys):
     out = tmp_path / "tokens"
     for content in (b"", b"not a tar file" * 100, good[:300]):  # empty, junk, truncated in the first header
         bad.write_bytes(content)
-        assert run_tool("--tokenizer", tok, tmp_path / "in", out) == 2
+        assert run_tool("--tokenizer", tok, tmp_path / "in", out, "--on-bad-shard", "error") == 2
         assert f"error: input shard {bad} is unreadable" in capsys.readouterr().err
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [  # nothing for the bad one
             ".parts", ".parts/spec.json", ".parts/tokens-000000.json", "tokens-000000.tar"]
+        assert run_tool("--tokenizer", tok, tmp_path / "in", tmp_path / f"skip{len(content)}") == 0
+        m = read_token_manifest(tmp_path / f"skip{len(content)}")
+        assert m["count"] == 2 and m["skipped"] == {"corrupt": 1, "shard_unreadable": 1}
     # Breaking off inside the third member (a header and one data block each: the PNG is < 512
     # bytes) keeps the two samples before it.
     bad.write_bytes(good[: 5 * 512 + 50])
     assert run_tool("--tokenizer", tok, tmp_path / "in", out) == 0
     m = read_token_manifest(out)
-    assert m["count"] == 3 and m["skipped"] == {"corrupt": 2, "truncated_shard": 1}
+    assert m["count"] == 3 and m["skipped"] == {"corrupt": 2, "shard_truncated": 1}
 
 
 def _synthetic(out: Path, n_shards: int = 3, per: int = 5, shape=(2, 4, 4), k: int = 16) -> np.ndarray:

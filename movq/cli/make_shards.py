@@ -2,7 +2,7 @@
 
     python tools/make_shards.py SRC OUT [--size 256] [--shard-size 1000] [--format jpg]
                                 [--labels folder] [--classes-from TRAIN/manifest.json]
-    python tools/make_shards.py --verify OUT
+    python tools/make_shards.py --verify OUT      # sha256 and sample count of every shard, as listed
 
 SRC is walked recursively. Each sample is ``{key}.{jpg|png|webp}`` + ``{key}.json`` (its source
 path) + ``{key}.cls`` (class index, with ``--labels folder``: classes are SRC's sub-folder names,
@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import sys
+import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from typing import Optional
 from PIL import Image
 
 from movq.data.decode import SkipSample, crop_square, decode_image, is_image_file, walk_files
-from movq.data.shards import MANIFEST_NAME, ShardWriter, read_manifest, write_manifest
+from movq.data.shards import MANIFEST_NAME, ShardWriter, iter_tar, read_manifest, write_manifest
 from movq.data.sources import folder_classes
 from movq.utils import sha256_file
 
@@ -74,15 +75,16 @@ def _original_format(data: bytes) -> Optional[str]:
         return img.format
 
 
-def _walk(src: Path) -> tuple[list[str], int]:
-    """Sorted relative paths of image files under src, and the number of other files."""
-    images, others = [], 0
-    for f in walk_files(src):
+def _walk(src: Path) -> tuple[list[str], int, int]:
+    """Sorted relative paths of image files under src, the number of other files, and of entries that
+    are not regular files (FIFOs, sockets, devices, broken links: reading them could block)."""
+    images, others, odd = [], 0, []
+    for f in walk_files(src, odd):
         if is_image_file(f):
             images.append(f)
         else:
             others += 1
-    return sorted(images), others
+    return sorted(images), others, len(odd)
 
 
 def pack_folder(
@@ -103,8 +105,10 @@ def pack_folder(
     if old and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite")
 
-    files, n_other = _walk(src)
+    files, n_other, n_odd = _walk(src)
     skipped: Counter = Counter({"not_image": n_other} if n_other else {})
+    if n_odd:
+        skipped["not_regular_file"] = n_odd
     examples: dict[str, list[str]] = {}
     label_of: dict[str, int] = {}
     if labels:
@@ -178,17 +182,32 @@ def pack_folder(
 
 
 def verify(out) -> list[str]:
-    """Problems with the shards of ``out`` against its manifest (empty when all is well)."""
+    """Problems with the shards of ``out`` against its manifest (empty when all is well): shards missing,
+    not listed, with another sha256, unreadable, or holding another number of samples than listed."""
     manifest = read_manifest(out)
     if manifest is None:
         return [f"no {MANIFEST_NAME} in {out}"]
     problems = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for path in sorted(Path(out).glob("*.tar")):
+        if path.name not in listed:
+            problems.append(f"{path}: not listed in the manifest")
     for s in manifest["shards"]:
         path = Path(out) / s["name"]
         if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != s["sha256"]:
+            problems.append(f"{path}: missing ({s['count']} samples)")
+            continue
+        if sha256_file(path) != s["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
+        n = 0
+        try:
+            for _ in iter_tar(str(path)):
+                n += 1
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"{path}: unreadable after {n} samples ({type(e).__name__}: {e})")
+            continue
+        if n != s["count"]:
+            problems.append(f"{path}: {n} samples, the manifest says {s['count']}")
     return problems
 
 

@@ -16,8 +16,11 @@ Images are centre-cropped to the largest square and resized to S (default: the t
 resolution), as for validation. Each output shard (OUT/tokens-NNNNNN.tar, see movq/data/tokens.py) is
 written atomically by rank ``N % world_size``; a rerun with the same settings skips the finished
 ones (other settings, e.g. a retrained tokenizer, are refused unless --overwrite), and
-OUT/manifest.json is written once all are done. Unreadable images are skipped and counted per reason;
-an input shard unreadable from its start (not a tar, empty, truncated) is an error, as in training.
+OUT/manifest.json is written once all are done. Unreadable images are skipped and counted per reason.
+Input shards are read against their manifest (sha256 first, then the sample count), as in training: what
+a damaged shard cannot give counts as skipped by reason (``shard_checksum``, ``shard_unreadable``,
+``shard_truncated``; shards the manifest lists but the folder lacks as ``shard_missing``),
+or with ``--on-bad-shard error`` stops the run with the shard named (the shards finished so far stay).
 """
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="threads decoding images")
     p.add_argument("--bf16", action="store_true", help="run the encoder under bf16 autocast (CUDA)")
     p.add_argument("--cpu", action="store_true", help="force CPU (needed for a multi-process CPU run)")
+    p.add_argument("--on-bad-shard", choices=("skip", "error"), default="skip",
+                   help="a damaged input shard: count its samples as skipped (default) or stop")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.shard_size < 1 or args.workers < 1:
         p.error("--batch-size, --shard-size and --workers must be >= 1")
@@ -110,6 +115,9 @@ def main(argv=None) -> int:
         source = args.source or detect_source(args.data)
         if acc.is_main_process:  # the builtin dataset is built once, before the other ranks look
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
+        if plan is not None and plan.missing and args.on_bad_shard == "error":
+            raise FileNotFoundError(f"{len(plan.missing)} shard(s) listed in the manifest of {args.data} do not "
+                                    f"exist, e.g. {next(iter(plan.missing))} (--on-bad-shard error)")
     except (OSError, ValueError, ImportError) as e:  # ImportError: the builtin dataset's optional packages
         error = _message(e)
     acc.wait_for_everyone()
@@ -147,12 +155,18 @@ def main(argv=None) -> int:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=len(mine), unit="shard", desc=f"tokenize (rank 0 of {world})", dynamic_ncols=True)
+    if plan.missing and acc.is_main_process:
+        log.warning("%d shard(s) listed in the manifest of %s do not exist (%s...): their %d samples are counted "
+                    "as shard_missing", len(plan.missing), args.data, next(iter(plan.missing)), sum(plan.missing.values()))
     t0, n_images = time.time(), 0
     with ThreadPoolExecutor(args.workers) as pool:
         for chunk in mine:
             try:
                 samples, skipped, converted = encode_chunk(plan, chunk, model, size=size, batch_size=args.batch_size,
-                                                           device=acc.device, pool=pool, bf16=args.bf16)
+                                                           device=acc.device, pool=pool, bf16=args.bf16,
+                                                           on_bad_shard=args.on_bad_shard)
+                if chunk.index == 0 and plan.missing:  # counted once, with the first shard
+                    skipped["shard_missing"] += sum(plan.missing.values())
             except UnreadableShard as e:  # the shards finished so far stay: a rerun resumes after a fix
                 if progress is not None:
                     progress.close()

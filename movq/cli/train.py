@@ -3,6 +3,7 @@ tools/train_prior.py (the MaskGIT prior), with the command line, exit codes and 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -49,36 +50,77 @@ def check_trackers(trackers) -> None:
                                   f"'movq[{','.join(missing)}]'", name=missing[0])
 
 
+# OSErrors of the machine rather than of the code: a one-line error, not a traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line. An error re-raised by a DataLoader worker carries the worker's
+    whole traceback: its last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(e).__name__
+
+
 def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     """Load the config, build the trainer and fit; returns ``(trainer, summary, exit_code)``.
 
-    Bad configs, missing files and bad settings are one ``error:`` line and exit code 2 (``trainer``
-    and ``summary`` are then None where not built); too many non-finite steps in a row give 3; a run
-    stopped early by SIGINT / SIGTERM (checkpoint saved) gives 128 + the signal (130 / 143)."""
-    from movq.config import ConfigError, load_config
-    from movq.training.checkpoints import ResumeError
-    from movq.training.run import NonFiniteError
+    Exit codes: 2 for what the user can fix, on one ``error:`` line (a bad config value, naming its key;
+    missing files; a run folder that is a file, read-only, full or locked by another run; a damaged
+    checkpoint; unusable data; a checkpoint that could not be written); 3 for too many non-finite steps
+    in a row; 4 when a collective timed out (``train.dist_timeout``: another rank froze or died); 128 +
+    the signal (130 / 143) for a run stopped early by SIGINT / SIGTERM, its checkpoint saved. ``trainer``
+    and ``summary`` are None where not built. A config error leaves no run folder behind."""
+    from movq.config import load_config
+    from movq.data.sources import DataError
+    from movq.training.checkpoints import CheckpointSaveError, ResumeError
+    from movq.training.run import NonFiniteError, collective_failure
 
+    trainer = None
     try:
-        cfg = load_config(config_cls, args.config, args.overrides)
-        check_trackers(cfg.train.trackers)
-        trainer = trainer_cls(cfg)  # missing LPIPS / token files, bad loop settings: one-line errors
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:  # ImportError: an optional extra
-        print(f"error: {e}", file=sys.stderr)
-        return None, None, 2
-    try:
+        try:
+            cfg = load_config(config_cls, args.config, args.overrides)
+            check_trackers(cfg.train.trackers)
+            trainer = trainer_cls(cfg)  # missing LPIPS / token files, bad settings, a locked run folder
+        except (ValueError, ImportError) as e:  # ConfigError, RunFolderError, ...; ImportError: an optional extra
+            _error(trainer, e)
+            return trainer, None, 2
         summary = trainer.fit()
         # stopped by SIGINT / SIGTERM (checkpoint saved): 128 + the signal, so a chained script stops too
         return trainer, summary, 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0
-    except ResumeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return trainer, None, 2
     except NonFiniteError as e:
-        trainer.acc.print(f"error: {e}")
+        _error(trainer, e)
         return trainer, None, 3
-    except FileNotFoundError as e:  # train.resume naming a folder that is not a checkpoint
-        print(f"error: {e}", file=sys.stderr)
+    except (ResumeError, CheckpointSaveError, DataError, FileNotFoundError) as e:
+        _error(trainer, e)
         return trainer, None, 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        newest = trainer.checkpointer.list() if trainer is not None and hasattr(trainer, "checkpointer") else []
+        kept = f"; the newest checkpoint {newest[-1]} is intact" if newest else ""
+        _error(trainer, f"{e.strerror}: {e.filename}{kept}" if e.filename else f"{one_line(e)}{kept}")
+        return trainer, None, 2
+    except RuntimeError as e:
+        if not collective_failure(e):
+            raise
+        timeout = trainer.cfg.train.dist_timeout if trainer is not None else "?"
+        _error(trainer, f"a collective operation failed, or waited longer than train.dist_timeout={timeout} s, "
+                        f"for the other ranks (one froze, died or fell that far behind); this rank stops "
+                        f"({one_line(e)[:200]})", every_rank=True)
+        return trainer, None, 4
+
+
+def _error(trainer, e, every_rank: bool = False) -> None:
+    """One ``error:`` line on stderr, from rank 0 (all ranks agree on these errors) or ``every_rank``
+    (a collective failed: the other ranks may be gone)."""
+    from movq.utils import launcher_rank
+
+    main = trainer.acc.is_main_process if trainer is not None and hasattr(trainer, "acc") else launcher_rank() == 0
+    if main or every_rank:
+        print(f"error: {one_line(e) if isinstance(e, BaseException) else e}", file=sys.stderr, flush=True)
 
 
 TOKENIZER_USAGE = """Train a MoVQ tokenizer (``movq-train``, ``tools/train_tokenizer.py``).

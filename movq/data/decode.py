@@ -5,12 +5,14 @@ converted, transparency shown over white as a viewer would, 16-bit samples mappe
 → the largest square, centred or at a random offset, resized to S×S with bicubic filtering
 (``crop_square``; taming's and MaskGIT's "shorter side to S, then crop") → uint8 ``[S, S, 3]`` →
 float ``[B, 3, S, S]`` in [-1, 1] (``images_from_uint8``; ``images_to_uint8`` is its inverse). A file
-that cannot be used raises ``SkipSample`` with the reason it is counted under. Which files of a folder
-are images is ``list_images`` (by extension, hidden files and folders left out).
+that cannot be used raises ``SkipSample`` with the reason it is counted under (``empty`` for no bytes at
+all). Which files of a folder are images is ``list_images`` (regular files by extension, hidden files and
+folders left out: a FIFO or device named ``x.jpg`` would block or never end when read).
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 
@@ -38,6 +42,8 @@ def decode_image(data: bytes, min_size: int = 0) -> tuple[Image.Image, Optional[
     """Decode to RGB. Returns (image, conversion), conversion ``"mode:<mode>"`` when the stored
     mode was not RGB. ``min_size`` lets JPEG decode at a reduced scale that stays ≥ min_size.
     Raises ``SkipSample`` (corrupt | truncated | too_large | empty | unsupported_mode)."""
+    if not data:
+        raise SkipSample("empty", "the file holds no bytes")
     try:
         img = Image.open(io.BytesIO(data))
         if min_size and img.format == "JPEG":
@@ -121,15 +127,33 @@ def images_from_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def walk_files(root: Path) -> Iterator[str]:
-    """Files under ``root`` (recursive, following links, hidden files and folders left out), as
-    '/'-joined relative paths in walk order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(root).as_posix()
-        for name in filenames:
-            if not name.startswith("."):
-                yield name if rel == "." else f"{rel}/{name}"
+def walk_files(root: Path, others: Optional[list[str]] = None) -> Iterator[str]:
+    """Regular files under ``root`` (recursive, following links, hidden files and folders left out), as
+    '/'-joined relative paths in ``os.walk``'s top-down order. Entries that are neither folders nor regular
+    files (FIFOs, sockets, devices, broken links) are left out, and appended to ``others`` if given."""
+    pending = [(str(root), "")]
+    while pending:
+        folder, rel = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # as os.walk: an unreadable folder is passed over
+            continue
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:  # both follow links; a FIFO, socket or device is neither
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                folders.append((entry.path, name))
+            elif is_file:
+                yield name
+            elif others is not None:
+                others.append(name)
+        pending.extend(reversed(folders))
 
 
 def is_image_file(path: str) -> bool:
@@ -139,7 +163,13 @@ def is_image_file(path: str) -> bool:
 
 def list_images(root: Path) -> list[str]:
     """Image files under ``root`` (``walk_files`` by extension), as sorted relative paths."""
-    return sorted(f for f in walk_files(root) if is_image_file(f))
+    others: list[str] = []
+    files = sorted(f for f in walk_files(root, others) if is_image_file(f))
+    odd = [f for f in others if is_image_file(f)]
+    if odd:
+        log.warning("%s: %d entries named as images are not regular files (FIFOs, sockets, devices, broken "
+                    "links) and are left out, e.g. %s", root, len(odd), ", ".join(odd[:3]))
+    return files
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:

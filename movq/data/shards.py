@@ -4,8 +4,20 @@ Reference: the webdataset format (github.com/webdataset/webdataset: consecutive 
 share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample). Writing (``ShardWriter``: fixed tar
 headers (``TarShard``), so equal input gives byte-identical shards and checksums; ``write_manifest``) and
 reading (``read_manifest``; ``read_manifests``, ``manifest_counts`` and ``manifest_classes`` for
-shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample).
-Decoding the samples and streaming them to ranks is ``movq.data``'s job.
+shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample,
+``read_shard``: the samples of one shard checked against its manifest entry). Decoding the samples and
+streaming them to ranks is ``movq.data``'s job.
+
+Every sample a manifest promises is read or counted as skipped by reason (``ShardProblem``):
+
+* ``shard_unreadable`` — the file cannot be opened or is not a tar (its promised samples);
+* ``shard_checksum`` — its sha256 differs from the manifest's (checked before any sample is used);
+* ``shard_truncated`` — it breaks off, or ends, before the samples promised: promised − read (tarfile
+  takes a damaged header after the first one for the end of the archive, so "ends early" and "breaks
+  off" cannot always be told apart; the warning says which);
+* ``shard_missing`` — the manifest lists it but the folder does not hold it (counted by the reader).
+
+A shard without a manifest entry counts a problem as 1 (how many samples it had is unknown).
 """
 from __future__ import annotations
 
@@ -14,6 +26,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -111,6 +124,16 @@ def shard_entries_problem(shards: Any) -> Optional[str]:
     return None
 
 
+def total_count_problem(manifest: dict) -> Optional[str]:
+    """What is wrong with a manifest's top-level ``count`` (optional; if given, the sum of its shards')."""
+    if "count" not in manifest:
+        return None
+    count, total = manifest["count"], sum(s["count"] for s in manifest["shards"])
+    if not isinstance(count, int) or isinstance(count, bool) or count != total:
+        return f"its count {count!r} is not the sum of its shards' counts ({total})"
+    return None
+
+
 def write_manifest(out_dir: Union[str, os.PathLike], shards: list[dict], **info: Any) -> dict:
     """Write ``manifest.json``: format, count, shards (name, count, sha256) and ``info``
     (classes, image_size, image_format, skipped, ...). Atomic (``atomic_write``)."""
@@ -131,6 +154,9 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Optional[dict]:
         problem = shard_entries_problem(manifest.get("shards"))
         if problem:
             raise ValueError(problem)
+        problem = total_count_problem(manifest)
+        if problem:
+            raise ValueError(problem)
     except ValueError as e:
         raise ValueError(f"{path} is not a valid shard manifest: {e}") from None
     return manifest
@@ -146,6 +172,11 @@ def read_manifests(shards: Sequence[str]) -> dict[Path, dict]:
         if manifest is not None:
             manifests[folder] = manifest
     return manifests
+
+
+def manifest_entries(manifests: dict[Path, dict]) -> dict[Path, dict]:
+    """Each listed shard's entry ``{name, count, sha256}``, keyed by its path (folder / name)."""
+    return {folder / s["name"]: s for folder, m in manifests.items() for s in m["shards"]}
 
 
 def manifest_counts(manifests: dict[Path, dict]) -> dict[Path, int]:
@@ -214,3 +245,81 @@ def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             members[ext.lower()] = tar.extractfile(m).read()
     if key is not None:
         yield key, members
+
+
+# --------------------------------------------------------------------------------------
+# Reading one shard against its manifest entry
+# --------------------------------------------------------------------------------------
+@dataclass
+class ShardProblem:
+    """Samples of a shard that could not be read: ``reason`` (see the module docstring), how many
+    (``count``; 0 for a warning only: more samples than promised) and what happened (``detail``, a
+    phrase that follows the shard's path: "is unreadable (empty file)")."""
+
+    reason: str
+    count: int
+    detail: str
+
+
+# sha256 verdicts of this process: (path, size, mtime) → None (matches) or a ShardProblem template
+_verified: dict[tuple, Optional[tuple[str, str]]] = {}
+
+
+def _check(path: str, sha256: Optional[str]) -> Optional[tuple[str, str]]:
+    """``(reason, detail)`` when the file cannot be used as a whole, else None. The sha256 is computed
+    once per process and file version (the verdict is remembered by size and modification time)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "shard_unreadable", f"is unreadable ({e.strerror})"
+    if st.st_size == 0:
+        return "shard_unreadable", "is unreadable (empty file)"
+    if sha256 is None:
+        return None
+    key = (path, st.st_size, st.st_mtime_ns, sha256)
+    if key not in _verified:
+        from movq.utils import sha256_file
+
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            return "shard_unreadable", f"is unreadable ({e.strerror})"
+        _verified[key] = None if digest == sha256 else (
+            "shard_checksum", f"is damaged: its sha256 {digest[:16]}… is not the manifest's {sha256[:16]}…")
+    return _verified[key]
+
+
+def read_shard(path: str, *, count: Optional[int] = None, sha256: Optional[str] = None, offset: int = 0,
+               stride: int = 1) -> Iterator[Union[tuple[str, dict[str, bytes]], ShardProblem]]:
+    """The samples ``(key, members)`` of shard ``path`` at positions offset, offset + stride, ..., then at
+    most one ``ShardProblem`` for what could not be read of them. ``count`` and ``sha256`` are its
+    manifest entry's (None: unknown): with ``sha256`` the whole file is checked before any sample is
+    yielded, and a mismatch yields only the problem (all of this reader's promised samples)."""
+    def mine(total: int) -> int:  # positions of this reader among the first ``total``
+        return len(range(offset, total, stride))
+
+    whole = _check(path, sha256)
+    if whole is not None:
+        yield ShardProblem(whole[0], mine(count) if count is not None else 1, whole[1])
+        return
+    total = read = 0
+    try:
+        for i, sample in enumerate(iter_tar(path)):
+            total = i + 1
+            if i >= offset and (i - offset) % stride == 0:
+                read += 1
+                yield sample
+    except (tarfile.TarError, OSError, EOFError) as e:
+        promised = mine(count) if count is not None else None
+        lost = max(promised - read, 0) if promised is not None else 1
+        cause = f"{type(e).__name__}: {e}"
+        if total == 0:
+            yield ShardProblem("shard_unreadable", max(lost, 1), f"is unreadable ({cause})")
+        elif lost:
+            of = f" of {count}" if count is not None else ""
+            yield ShardProblem("shard_truncated", lost, f"breaks off after {total}{of} samples ({cause})")
+        return
+    if count is not None and total != count:
+        lost = max(mine(count) - read, 0)
+        yield ShardProblem("shard_truncated" if total < count else "shard_long", lost,
+                           f"ends after {total} samples, its manifest says {count}")

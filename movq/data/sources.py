@@ -3,9 +3,13 @@ each rank and worker reads them in, and when bad input must become an error inst
 
 A source yields ``_Raw`` records (key, undecoded bytes, label, origin) and knows nothing of
 decoding; ``movq.data.ImageStream`` decodes them, reports each outcome back to the source's health
-check and batches them. Train streams are a pure function of (seed, epoch, consumer, consumers):
-consumer k of C reads positions k, k+C, ... of a seeded permutation of the files (or shards),
-pass after pass; shards additionally go through a webdataset-style shuffle buffer.
+check and batches them. A shard is read against its manifest entry (``movq.data.shards.read_shard``):
+what it cannot give of the samples promised is one ``_Raw`` skip weighing that many (``shard_*`` reasons),
+and a shard with no usable image is passed over, until none of the shards a reader has is usable
+(``DataError``) or, with ``data.on_bad_shard=error``, at the first bad shard (``BadShardError``).
+Train streams are a pure function of (seed, epoch, consumer, consumers): consumer k of C reads positions
+k, k+C, ... of a seeded permutation of the files (or shards), pass after pass; shards additionally go
+through a webdataset-style shuffle buffer.
 
 References: the webdataset format and its shuffle buffer (github.com/webdataset/webdataset), the
 ``DistributedSampler`` idiom of disjoint per-rank slices, and torchvision's ImageFolder convention
@@ -16,7 +20,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +29,34 @@ from typing import Optional, Union
 import numpy as np
 
 from movq.data.decode import IMAGE_EXTS, list_images
-from movq.data.shards import expand_shards, iter_tar, manifest_classes, manifest_counts, read_manifests
+from movq.data.shards import (
+    ShardProblem,
+    expand_shards,
+    manifest_classes,
+    manifest_entries,
+    read_manifests,
+    read_shard,
+)
 
 logger = logging.getLogger(__name__)
 
+
+class DataError(RuntimeError):
+    """The data gives nothing to train on: every file or shard a reader has is unusable."""
+
+
+class BadShardError(DataError):
+    """A damaged shard under ``data.on_bad_shard=error``."""
+
+
+_warned: set = set()  # (shard, reason) already reported by this process
+
+
+def _warn_once(path: str, problem: ShardProblem) -> None:
+    if (path, problem.reason) not in _warned:
+        _warned.add((path, problem.reason))
+        counted = f"; {problem.count} sample(s) counted as {problem.reason}" if problem.count else ""
+        logger.warning("shard %s %s%s", path, problem.detail, counted)
 
 
 @dataclass
@@ -39,6 +66,7 @@ class _Raw:
     label: int
     origin: int  # folder: file index; shards: id of this read of a shard
     skip: Optional[str] = None  # known unusable before decoding
+    n: int = 1  # samples this record stands for (a shard problem: all it cost)
 
 
 class _FolderHealth:
@@ -56,12 +84,12 @@ class _FolderHealth:
             return
         if self.failed is None:
             self.failed = np.zeros(self.n_files, dtype=bool)
-        self.reasons[reason] += 1
+        self.reasons[reason] += raw.n
         if not self.failed[raw.origin]:
             self.failed[raw.origin] = True
             self.n_failed += 1
         if self.n_failed == self.n_files:
-            raise RuntimeError(
+            raise DataError(
                 f"none of the {self.n_files} image files under {self.where} could be used "
                 f"(reasons: {dict(self.reasons)})"
             )
@@ -69,37 +97,47 @@ class _FolderHealth:
 
 @dataclass
 class _ShardRead:
+    index: int
     path: str
     n: int = 0  # samples read so far
     pending: int = 0  # read but not yet decoded (they wait in the shuffle buffer)
     good: int = 0
     done: bool = False
     partial: bool = False  # every m-th sample only: see _ShardHealth
+    whole: Optional[str] = None  # the shard as a whole could not be used: why
     reasons: Counter = field(default_factory=Counter)
 
 
-# A partial read (every m-th sample of a shard) with no usable image is an error only from this many
-# samples on: a few samples of a healthy shard may all be bad, that many in a row hardly.
+# A partial read (every m-th sample of a shard) without a usable image marks its shard as failed only
+# from this many unusable samples on: a few samples of a healthy shard may all be bad, that many hardly.
 _PARTIAL_MIN = 16
 
 
 class _ShardHealth:
-    """Skipping some samples is fine; a shard read to its end without one usable image is an
-    error (wrong content, or a broken writer), named in the message. A partial read (shared with
-    other readers) counts only with at least ``_PARTIAL_MIN`` samples."""
+    """Skipping some samples, or whole shards, is fine. A shard read to its end without one usable image
+    is passed over; when every one of the reader's ``n_shards`` shards has failed since its last usable
+    image, that is an error (``DataError``: wrong content, a broken writer, a damaged copy) instead of
+    looping forever. With ``strict`` (``data.on_bad_shard=error``) the first such shard is."""
 
-    def __init__(self):
+    def __init__(self, n_shards: int, where: str, strict: bool = False):
+        self.n_shards, self.where, self.strict = n_shards, where, strict
         self.reads: dict[int, _ShardRead] = {}
         self._ids = itertools.count()
+        self.failed: dict[int, str] = {}  # shard index → why, since the last usable image
+        self.unusable = Counter()  # partial reads: unusable samples per shard since the last usable image
 
-    def open(self, path: str, partial: bool = False) -> int:
+    def open(self, index: int, path: str, partial: bool = False) -> int:
         read_id = next(self._ids)
-        self.reads[read_id] = _ShardRead(path, partial=partial)
+        self.reads[read_id] = _ShardRead(index, path, partial=partial)
         return read_id
 
     def sample(self, read_id: int) -> None:
         self.reads[read_id].n += 1
         self.reads[read_id].pending += 1
+
+    def whole(self, read_id: int, detail: str) -> None:
+        """The shard of this read could not be used at all (unreadable, checksum)."""
+        self.reads[read_id].whole = detail
 
     def close(self, read_id: int) -> None:
         self.reads[read_id].done = True
@@ -111,7 +149,7 @@ class _ShardHealth:
         if reason is None:
             state.good += 1
         else:
-            state.reasons[reason] += 1
+            state.reasons[reason] += raw.n
         self._check(raw.origin)
 
     def _check(self, read_id: int) -> None:
@@ -119,11 +157,24 @@ class _ShardHealth:
         if not state.done or state.pending:
             return
         del self.reads[read_id]
-        if state.good == 0 and (not state.partial or state.n >= _PARTIAL_MIN):
-            raise RuntimeError(
-                f"shard {state.path} is unreadable: none of its {state.n} samples holds a "
-                f"usable image" + (f" (reasons: {dict(state.reasons)})" if state.reasons else "")
-            )
+        if state.good:
+            self.failed.clear()
+            self.unusable.clear()
+            return
+        if state.whole is not None:
+            why = state.whole
+        else:
+            self.unusable[state.index] += state.n
+            if state.partial and self.unusable[state.index] < _PARTIAL_MIN:
+                return
+            why = (f"is unusable: none of its {state.n} samples holds a usable image"
+                   + (f" (reasons: {dict(state.reasons)})" if state.reasons else ""))
+        if self.strict:
+            raise BadShardError(f"shard {state.path} {why} (data.on_bad_shard=error)")
+        self.failed[state.index] = f"shard {state.path} {why}"
+        if len(self.failed) >= self.n_shards:
+            raise DataError(f"no usable image in any of the {self.n_shards} shard(s) of {self.where} "
+                            f"this reader has; e.g. {self.failed[state.index]}")
 
 
 def _pass_shares(consumer: int, consumers: int, n: int, perm) -> Iterator[list[int]]:
@@ -185,45 +236,62 @@ class _FolderSource:
         for i in range(consumer, self.count, consumers):
             yield self._sample(i)
 
-    def health(self) -> _FolderHealth:
+    def health(self, consumer: int = 0, consumers: int = 1, train: bool = True) -> _FolderHealth:
         return _FolderHealth(self.count, str(self.root))
 
 
 class _ShardSource:
-    def __init__(self, pattern: Union[str, Sequence[str]], labels: bool):
+    def __init__(self, pattern: Union[str, Sequence[str]], labels: bool, *, verify: bool = True,
+                 on_bad_shard: str = "skip"):
         self.pattern = pattern
         self.shards = expand_shards(pattern)
         self.want_labels = labels
+        self.verify, self.strict = verify, on_bad_shard == "error"
         # Shards may lie in several folders, each with its own manifest (or none).
         manifests = read_manifests(self.shards)
-        counts = manifest_counts(manifests)
+        entries = manifest_entries(manifests)
+        self.entries = {u: entries[Path(u)] for u in self.shards if Path(u) in entries}
         self.count = None  # known only when a manifest lists every shard
-        if all(Path(u) in counts for u in self.shards):
-            self.count = sum(counts[Path(u)] for u in self.shards)
+        if len(self.entries) == len(self.shards):
+            self.count = sum(e["count"] for e in self.entries.values())
         self.classes = manifest_classes(manifests)
         if labels and manifests and not self.classes:
             raise ValueError(f"labels requested but no manifest of {pattern} lists classes")
+        # A folder stands for its .tar files: shards its manifest lists but it lacks were deleted or lost.
+        present = {Path(u) for u in self.shards}
+        self.missing = {str(p): e["count"] for p, e in entries.items() if p not in present} \
+            if isinstance(pattern, str) and Path(pattern).expanduser().is_dir() else {}
+        if self.missing:
+            names = ", ".join(Path(p).name for p in list(self.missing)[:3])
+            message = (f"{len(self.missing)} shard(s) listed in the manifest of {pattern} do not exist ({names}"
+                       f"{', ...' if len(self.missing) > 3 else ''}): {sum(self.missing.values())} samples")
+            if self.strict:
+                raise FileNotFoundError(f"{message} (data.on_bad_shard=error)")
+            logger.warning("%s, counted as shard_missing in every epoch", message)
 
     def describe(self) -> str:
         return str(self.pattern)
 
     def _read(self, index: int, health: _ShardHealth, offset: int = 0, stride: int = 1) -> Iterator[_Raw]:
-        """The samples of shard ``index`` at positions offset, offset + stride, ... (others are not decoded)."""
+        """The samples of shard ``index`` at positions offset, offset + stride, ... (others are not decoded),
+        checked against its manifest entry: what it cannot give is one skip record weighing that much."""
         path = self.shards[index]
-        read_id = health.open(path, partial=stride > 1)
-        n = 0
-        try:
-            for key, members in itertools.islice(iter_tar(path), offset, None, stride):
-                n += 1
+        entry = self.entries.get(path, {})
+        read_id = health.open(index, path, partial=stride > 1)
+        for item in read_shard(path, count=entry.get("count"), sha256=entry.get("sha256") if self.verify else None,
+                               offset=offset, stride=stride):
+            if isinstance(item, ShardProblem):
+                if self.strict:
+                    raise BadShardError(f"shard {path} {item.detail} (data.on_bad_shard=error)")
+                _warn_once(path, item)
+                if item.reason in ("shard_unreadable", "shard_checksum"):
+                    health.whole(read_id, item.detail)
+                if item.count:
+                    health.sample(read_id)
+                    yield _Raw(f"{path}:<{item.reason}>", None, -1, read_id, skip=item.reason, n=item.count)
+            else:
                 health.sample(read_id)
-                yield self._raw(key, members, read_id)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            if n == 0 and offset == 0:
-                raise RuntimeError(f"shard {path} is unreadable: {type(e).__name__}: {e}") from None
-            if offset == 0:  # one report per shard, also when readers share it
-                logger.warning("shard %s breaks off (%s); using the %d sample(s) read before", path, e, n)
-                health.sample(read_id)  # the broken tail counts as one skipped sample
-                yield _Raw(f"{path}:<tail>", None, -1, read_id, skip="truncated_shard")
+                yield self._raw(*item, read_id)
         health.close(read_id)
 
     def _raw(self, key: str, members: dict[str, bytes], read_id: int) -> _Raw:
@@ -262,8 +330,10 @@ class _ShardSource:
         for i in range(consumer, len(self.shards), consumers):
             yield from self._read(i, health)
 
-    def health(self) -> _ShardHealth:
-        return _ShardHealth()
+    def health(self, consumer: int = 0, consumers: int = 1, train: bool = True) -> _ShardHealth:
+        """A train reader may come to every shard; a val reader reads its share once."""
+        n = len(self.shards) if train else len(range(consumer, len(self.shards), consumers))
+        return _ShardHealth(n, str(self.pattern), self.strict)
 
 
 def _shuffled(stream: Iterator[_Raw], rng: np.random.Generator, size: int) -> Iterator[_Raw]:

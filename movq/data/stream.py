@@ -19,16 +19,19 @@ a ``DataLoader`` yielding dicts
 * ``skipped`` / ``converted``: dict reason → count, for that worker since its previous batch;
   the trainer sums them over batches (and ranks) to report how much bad input it met.
   Skip reasons: corrupt, truncated, not_image, too_large, empty, unsupported_mode, bad_label,
-  io_error, truncated_shard. Conversions: ``mode:<PIL mode>`` (L, LA, P, RGBA, CMYK, I;16, ...)
+  io_error, and for whole or partial shards (each counting the samples its manifest promised and the
+  reader did not get) shard_unreadable, shard_checksum, shard_truncated, shard_missing
+  (see ``movq.data.shards``). Conversions: ``mode:<PIL mode>`` (L, LA, P, RGBA, CMYK, I;16, ...)
   and ``upscaled`` (an image smaller than S).
 
 ``train`` is epoch-based: every rank yields exactly ``steps_per_epoch = epoch_length //
 (batch_size * world_size)`` full batches per epoch, so ranks stay in step however many images
 are skipped. Epoch ``e`` is a pure function of (seed, e, rank, world_size, num_workers); ranks
 draw disjoint slices of each epoch's permutation (of files, or of shards followed by a
-per-worker shuffle buffer), topped up from the next permutation when skips or a long epoch
-need it. To resume at step N: build epoch ``N // steps_per_epoch`` and drop its first
-``N % steps_per_epoch`` batches (``train_batches(start_step=N)`` does this; accelerate's
+per-worker shuffle buffer), topped up from the next permutation when skips (of images or of whole
+shards) or a long epoch need it; a bad shard is bad on every read, so the stream stays a pure
+function of its position and a resume never dies where the run did. To resume at step N: build epoch
+``N // steps_per_epoch`` and drop its first ``N % steps_per_epoch`` batches (``train_batches(start_step=N)`` does this; accelerate's
 ``skip_first_batches`` gives the same result).
 
 ``val`` is finite and deterministic (no augmentation, centre crop); each image is seen once
@@ -41,8 +44,10 @@ re-split or dispatch them); move batches to the device yourself.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
+import multiprocessing
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -123,11 +128,7 @@ class ImageStream(IterableDataset):
                     f"dataset built for {self.num_workers} workers but the DataLoader has "
                     f"{info.num_workers}: use build_dataloader, or the same data.num_workers"
                 )
-            # Ctrl-C reaches the whole foreground group: the main process handles it (save, then stop), so a
-            # worker ignores it and keeps serving batches until then. SIGTERM gets its default back (not the
-            # trainer's inherited handler): the main process's cleanup terminates workers with it.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _worker_signals()
             yield from self._worker(info.id)
             return
         # Iterated in-process: interleave the workers' streams exactly as DataLoader would
@@ -148,7 +149,7 @@ class ImageStream(IterableDataset):
         base = [self.seed, self.epoch, self.rank, self.world_size, self.num_workers, w]
         shuffle_rng = np.random.default_rng(base + [3])
         aug_rng = np.random.default_rng(base + [4])
-        health = self.source.health()
+        health = self.source.health(consumer, consumers, self.train)
         if self.train:
             quota = len(range(w, self.steps_per_epoch, self.num_workers))
             if quota == 0:
@@ -161,6 +162,9 @@ class ImageStream(IterableDataset):
             raws = self.source.val_stream(consumer, consumers, health)
         images, labels, keys = [], [], []
         skipped, converted, logged = Counter(), Counter(), Counter()
+        missing = getattr(self.source, "missing", None)
+        if self.train and missing and self.rank == 0 and w == 0:  # once per epoch, in its first batch
+            skipped["shard_missing"] += sum(missing.values())
         done, held = 0, None  # val: the last full batch, held back to carry trailing skips
         for raw in raws:
             reason = raw.skip
@@ -173,7 +177,7 @@ class ImageStream(IterableDataset):
                         logger.warning("skipping %s (%s)", raw.key, e)
             health.result(raw, reason)
             if reason is not None:
-                skipped[reason] += 1
+                skipped[reason] += raw.n
                 logged[reason] += 1
                 continue
             converted.update(conversions)
@@ -213,6 +217,36 @@ class ImageStream(IterableDataset):
 
 
 
+def _worker_signals() -> None:
+    """A loader worker leaves the signals of a stopping run to its main process. SIGINT (Ctrl-C), SIGTERM
+    (``timeout``, ``kill -TERM -PGID``, scancel, container stops: the whole process group) and SIGUSR1
+    (SLURM's warning) reach the workers too; dying of them would take the batches from under the main
+    process before it has saved. So workers ignore them and keep serving until the main process ends
+    them: its loader shuts them down, or at exit ``_kill_loader_workers`` does; a worker whose main
+    process died exits by itself (torch's watchdog)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """At exit, before multiprocessing terminates (SIGTERM, which workers ignore) and joins its daemonic
+    children, which would then wait for them forever: kill them outright. DataLoader workers are daemonic;
+    any daemonic child would be terminated at exit anyway."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_kill_registered = False
+
+
+def _register_worker_cleanup() -> None:
+    global _kill_registered
+    if not _kill_registered:  # after multiprocessing's own exit hook, so it runs before it
+        atexit.register(_kill_loader_workers)
+        _kill_registered = True
+
+
 def _collate(images, labels, keys, skipped: Counter, converted: Counter) -> dict:
     x = images_from_uint8(torch.from_numpy(np.stack(images))).contiguous()  # [B, 3, S, S] in [-1, 1]
     return {"image": x, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
@@ -229,18 +263,18 @@ def _source(cfg: DataConfig, split: str, labels: bool):
         if labels:
             raise ValueError("the builtin dataset has no class labels; use data.source=folder or shards")
         root = builtin_dataset(cfg) / split
-        return _ShardSource(str(root), labels)  # a folder stands for its .tar files
+        return _ShardSource(str(root), labels, verify=cfg.verify, on_bad_shard=cfg.on_bad_shard)  # its .tar files
     if cfg.source == "shapes":  # labelled: the manifests list the shape classes
         from movq.data.shapes import shapes_split
 
-        return _ShardSource(str(shapes_split(cfg, split)), labels)
+        return _ShardSource(str(shapes_split(cfg, split)), labels, verify=cfg.verify, on_bad_shard=cfg.on_bad_shard)
     if cfg.source not in ("folder", "shards"):
         raise ValueError(f"data.source must be builtin, shapes, folder or shards, got {cfg.source!r}")
     path = getattr(cfg, split)
     if not path:
         raise ValueError(f"data.{split} must be set for data.source={cfg.source}")
     if cfg.source == "shards":
-        return _ShardSource(path, labels)
+        return _ShardSource(path, labels, verify=cfg.verify, on_bad_shard=cfg.on_bad_shard)
     classes = None
     if labels and split == "val" and cfg.train:
         classes = folder_classes(Path(cfg.train).expanduser())  # indices as in training
@@ -264,10 +298,16 @@ def build_dataloader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: 
     """Per-rank loader of dict batches (see the module docstring). ``dl.dataset`` is the
     ``ImageStream`` (``num_classes``, ``steps_per_epoch``, ``set_epoch``)."""
     ds = build_dataset(cfg, split, rank=rank, world_size=world_size, labels=labels, epoch=epoch)
+    if cfg.num_workers > 0:
+        _register_worker_cleanup()
     # Its own generator: creating an iterator draws a base seed (unused: workers seed themselves),
     # which would otherwise shift the global torch RNG (dropout, ...) of a resumed run by one draw.
-    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator(), worker_init_fn=_worker_init if cfg.num_workers > 0 else None)
+
+
+def _worker_init(worker_id: int) -> None:
+    _worker_signals()  # at once: ImageStream.__iter__ runs only when the first batch is asked for
 
 
 def train_batches(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, labels: bool = False,

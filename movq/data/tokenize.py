@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +24,7 @@ from movq.config import DataConfig
 from movq.data.builtin import BUILTIN_TRAIN_PHOTOS, builtin_dataset
 from movq.data.decode import IMAGE_EXTS, SkipSample, images_from_uint8, list_images, load_image
 from movq.data.shapes import shapes_split
-from movq.data.shards import expand_shards, iter_tar, manifest_classes, read_manifests
+from movq.data.shards import ShardProblem, expand_shards, manifest_classes, manifest_entries, read_manifests, read_shard
 from movq.data.sources import _FolderSource, folder_classes
 from movq.data.tokens import sanitize_key
 
@@ -39,7 +38,8 @@ SOURCES = ("builtin", "shapes", "folder", "shards")
 # Inputs: what gets encoded, in chunks
 # --------------------------------------------------------------------------------------
 class UnreadableShard(RuntimeError):
-    """An input shard that breaks off before its first sample (not a tar, empty, truncated)."""
+    """A damaged input shard (unreadable, sha256 or sample count not as in its manifest) under
+    ``on_bad_shard="error"``."""
 
 
 @dataclass
@@ -58,6 +58,8 @@ class InputPlan:
     chunks: list[Chunk]
     classes: list[str]  # [] when unlabelled
     label_from: Optional[str] = None  # "folder", "cls", "builtin_photo"
+    entries: dict = field(default_factory=dict)  # shards: path → manifest entry {name, count, sha256}
+    missing: dict = field(default_factory=dict)  # shards a folder's manifest lists but the folder lacks
 
 
 def detect_source(data: str) -> str:
@@ -104,7 +106,7 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
         use = labels is not False
         classes = list(BUILTIN_TRAIN_PHOTOS) if use else []
         return InputPlan(source, str(root), [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
-                         "builtin_photo" if use else None)
+                         "builtin_photo" if use else None, *_entries(str(root), shards))
     if source == "shapes":  # shards whose manifest lists the classes: read as any such shards
         dc = DataConfig(source="shapes", image_size=image_size, cache_dir=cache_dir)
         if builtin_size is not None:
@@ -117,14 +119,29 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
     if labels and not classes:
         raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes")
     return InputPlan(source, data, [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
-                     "cls" if classes else None)
+                     "cls" if classes else None, *_entries(data, shards))
 
 
-def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[bytes], int, Optional[str]]]:
-    """``(key, image bytes, label, skip reason)`` for every sample of ``chunk``, in order.
+def _entries(pattern: str, shards: list[str]) -> tuple[dict, dict]:
+    """The manifest entries of ``shards``, and (a folder given) the listed shards it lacks."""
+    entries = manifest_entries(read_manifests(shards))
+    mine = {s: entries[Path(s)] for s in shards if Path(s) in entries}
+    missing = {}
+    if Path(pattern).expanduser().is_dir():
+        present = {Path(s) for s in shards}
+        missing = {str(p): e["count"] for p, e in entries.items() if p not in present}
+    return mine, missing
 
-    A shard that breaks off after some samples gives those plus one ``truncated_shard`` skip; one
-    that yields no sample at all raises ``UnreadableShard`` (nothing is written for it)."""
+
+def iter_chunk(plan: InputPlan, chunk: Chunk, on_bad_shard: str = "skip"
+               ) -> Iterator[tuple[str, Optional[bytes], int, Optional[str], int]]:
+    """``(key, image bytes, label, skip reason, samples)`` for every sample of ``chunk``, in order (samples:
+    1, or for a skip record of a damaged shard how many it cost).
+
+    An input shard is read against its manifest entry (``movq.data.shards.read_shard``: sha256 first, then
+    the count): what it cannot give is one skip record (``shard_unreadable``, ``shard_checksum``,
+    ``shard_truncated``) weighing the samples lost, or with ``on_bad_shard="error"`` an
+    ``UnreadableShard`` error (nothing is written for it)."""
     if chunk.files is not None:
         taken: set[str] = set()
         for rel, label in chunk.files:
@@ -135,34 +152,36 @@ def iter_chunk(plan: InputPlan, chunk: Chunk) -> Iterator[tuple[str, Optional[by
                 key += "_"
             taken.add(key)
             try:
-                yield key, (Path(plan.root) / rel).read_bytes(), label, None
+                yield key, (Path(plan.root) / rel).read_bytes(), label, None, 1
             except OSError:
-                yield key, None, label, "io_error"
+                yield key, None, label, "io_error", 1
         return
-    n = 0
-    try:
-        for key, members in iter_tar(chunk.shard):
-            n += 1
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            label, skip = -1, None if ext else "not_image"
-            if plan.label_from == "cls":
-                try:
-                    label = int(members["cls"].decode().strip())
-                    if not 0 <= label < len(plan.classes):
-                        skip = "bad_label"
-                except (KeyError, ValueError, UnicodeDecodeError):
+    entry = plan.entries.get(chunk.shard, {})
+    for item in read_shard(chunk.shard, count=entry.get("count"), sha256=entry.get("sha256")):
+        if isinstance(item, ShardProblem):
+            if on_bad_shard == "error":
+                raise UnreadableShard(f"input shard {chunk.shard} {item.detail} (--on-bad-shard error)")
+            log.warning("input shard %s %s%s", chunk.shard, item.detail,
+                        f"; {item.count} sample(s) counted as {item.reason}" if item.count else "")
+            if item.count:
+                yield f"{chunk.index:06d}_{item.reason}", None, -1, item.reason, item.count
+            continue
+        key, members = item
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        label, skip = -1, None if ext else "not_image"
+        if plan.label_from == "cls":
+            try:
+                label = int(members["cls"].decode().strip())
+                if not 0 <= label < len(plan.classes):
                     skip = "bad_label"
-            elif plan.label_from == "builtin_photo":
-                try:
-                    label = plan.classes.index(json.loads(members["json"])["photo"])
-                except (KeyError, ValueError, TypeError):
-                    skip = "bad_label"
-            yield sanitize_key(key), members.get(ext) if ext else None, label, skip
-    except (tarfile.TarError, OSError, EOFError) as e:
-        if n == 0:  # as in the training loader: an error, not an empty token shard
-            raise UnreadableShard(f"input shard {chunk.shard} is unreadable: {type(e).__name__}: {e}") from None
-        log.warning("input shard %s breaks off (%s); using the samples before it", chunk.shard, e)
-        yield f"{chunk.index:06d}_tail", None, -1, "truncated_shard"
+            except (KeyError, ValueError, UnicodeDecodeError):
+                skip = "bad_label"
+        elif plan.label_from == "builtin_photo":
+            try:
+                label = plan.classes.index(json.loads(members["json"])["photo"])
+            except (KeyError, ValueError, TypeError):
+                skip = "bad_label"
+        yield sanitize_key(key), members.get(ext) if ext else None, label, skip, 1
 
 
 def _encode(model, arrays: list, device, bf16: bool) -> np.ndarray:
@@ -174,19 +193,19 @@ def _encode(model, arrays: list, device, bf16: bool) -> np.ndarray:
 
 
 def encode_chunk(plan: InputPlan, chunk: Chunk, model: torch.nn.Module, *, size: int, batch_size: int, device,
-                 pool: Executor, bf16: bool = False) -> tuple[list, Counter, Counter]:
+                 pool: Executor, bf16: bool = False, on_bad_shard: str = "skip") -> tuple[list, Counter, Counter]:
     """All samples of one chunk, decoded by ``pool``'s threads and encoded ``batch_size`` at a time:
     ``([(key, tokens uint16 [C, h, w], label)], skipped, converted)``."""
     samples, skipped, converted = [], Counter(), Counter()
 
     def decode(item):
-        key, data, label, skip = item
+        key, data, label, skip, n = item
         if skip is not None:
-            return key, None, label, skip, []
+            return key, None, label, (skip, n), []
         try:
             arr, conv = load_image(data, size)
         except SkipSample as e:
-            return key, None, label, e.reason, []
+            return key, None, label, (e.reason, 1), []
         return key, arr, label, None, conv
 
     keys, arrays, labels = [], [], []
@@ -197,9 +216,9 @@ def encode_chunk(plan: InputPlan, chunk: Chunk, model: torch.nn.Module, *, size:
             samples.extend(zip(keys, tokens, labels))
             keys.clear(), arrays.clear(), labels.clear()
 
-    for key, arr, label, reason, conv in pool.map(decode, iter_chunk(plan, chunk)):
+    for key, arr, label, reason, conv in pool.map(decode, iter_chunk(plan, chunk, on_bad_shard)):
         if reason is not None:
-            skipped[reason] += 1
+            skipped[reason[0]] += reason[1]
             continue
         converted.update(conv)
         keys.append(key), arrays.append(arr), labels.append(label)

@@ -36,7 +36,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from movq.data.shards import MANIFEST_NAME, TarShard, iter_tar, shard_entries_problem
+from movq.data.shards import MANIFEST_NAME, TarShard, iter_tar, shard_entries_problem, total_count_problem
 from movq.utils import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -156,9 +156,14 @@ def read_token_manifest(directory: Union[str, os.PathLike]) -> dict:
     for key in ("channels", "height", "width", "codebook_size", "shards", "classes"):
         if key not in m:
             raise TokenDataError(f"{path}: key '{key}' missing")
-    problem = shard_entries_problem(m["shards"])
+    problem = shard_entries_problem(m["shards"]) or total_count_problem(m)
     if problem:
         raise TokenDataError(f"{path}: {problem}")
+    for key in ("channels", "height", "width", "codebook_size"):
+        if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
+            raise TokenDataError(f"{path}: '{key}' is {m[key]!r}, not a positive integer")
+    if not isinstance(m["classes"], list):
+        raise TokenDataError(f"{path}: 'classes' must be a list of class names, got {m['classes']!r}")
     return m
 
 

@@ -24,6 +24,8 @@ from movq.utils import is_distributed
 # Identical images have infinite PSNR; capping keeps the mean finite and says "lossless".
 PSNR_CAP_DB = 100.0
 
+# torchmetrics' SSIM pads its 11×11 window by reflection, 5 pixels a side: images need more than that.
+SSIM_MIN_SIZE = 6
 _SUM_KEYS = ("num_images", "psnr_sum", "ssim_sum", "lpips_sum", "lpips_count")
 
 

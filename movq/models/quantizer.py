@@ -77,6 +77,10 @@ def _flatten(z: torch.Tensor, channels: int, cosine: bool) -> torch.Tensor:
 class MultichannelQuantizer(nn.Module):
     """C channels, one codebook of K codes of width d. See the module docstring."""
 
+    # Parameters that forward() itself writes in training mode (k-means init, EMA updates, dead-code
+    # restarts): a trainer that skips a step restores them with the buffers.
+    forward_updates = ("codebook",)
+
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
         if cfg.codebook_size < 2 or cfg.dim < 1 or cfg.channels < 1:

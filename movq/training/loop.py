@@ -13,7 +13,10 @@ stopping on a signal. A trainer (:class:`movq.training.tokenizer.TokenizerTraine
   loop sums and logs.
 * ``train_step(micro_batches)`` — one optimizer step, top to bottom: forward and backward of the
   ``train.grad_accum`` micro-batches, clipping, the finiteness check (``self.finite``), the update and
-  the EMA; returns the step's logs (``loss`` required), or None when the step was skipped.
+  the EMA; returns the step's logs (``loss`` required), or None when the step was skipped. A skipped
+  step changes no weight and no buffer: ``keep = self.forward_state(model, ...)`` before the first
+  forward pass, ``keep.restore()`` when skipping (BatchNorm statistics, the quantizer's EMA, usage and
+  codebook updates happen in the forward pass).
 * ``evaluate()`` — every ``train.eval_every`` steps and at the last, on every rank: the ``eval``
   record (strings, e.g. paths of pictures, go to metrics.jsonl but not to the trackers).
 * ``write_weights(folder)`` (rank 0) and ``read_weights(folder)`` (every rank) — the weights of a
@@ -34,11 +37,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 
-from movq.config import to_dict
+from movq.config import check_config, to_dict
 from movq.models.hub import write_checkpoint_cards
-from movq.training.checkpoints import Checkpointer, ResumeError
+from movq.training.checkpoints import CheckpointDamaged, Checkpointer, ResumeError
 from movq.training.ema import EMA
-from movq.training.run import RunDir, StepGuard, StopFlag, make_accelerator, mean_logs
+from movq.training.run import RunDir, RunFolderError, StepGuard, StopFlag, make_accelerator, mean_logs
 from movq.utils import list_checkpoints
 
 
@@ -70,22 +73,40 @@ class TrainLoop:
     ema: Optional[EMA]
 
     def __init__(self, cfg: Any, accelerator: Optional[Accelerator] = None):
+        check_config(cfg)  # before anything is built or written: a bad value names its key
         t = cfg.train
-        if t.grad_accum < 1 or t.max_steps < 0:
-            raise ValueError("train.grad_accum must be ≥ 1 and train.max_steps ≥ 0")
-        if min(t.log_every, t.eval_every, t.save_every) < 1:  # fit() takes the step modulo each
-            raise ValueError(f"train.log_every, train.eval_every and train.save_every must be ≥ 1, "
-                             f"got {t.log_every}, {t.eval_every}, {t.save_every}")
-        found = list_checkpoints(Path(t.run_dir) / "checkpoints")
-        if found and not t.resume:
-            raise ValueError(f"{t.run_dir} already holds checkpoints (newest: {found[-1].name}): pass "
-                             "train.resume=latest to continue that run, or another train.run_dir")
         self.cfg = cfg
         self.acc = acc = accelerator or make_accelerator(t, t.run_dir)
         self.run = RunDir(t.run_dir, acc.is_main_process)
         set_seed(t.seed)  # identical initial weights on every rank
         self.ema = None
         self.build()
+        self._open_run_folder()
+        try:
+            self._init_after_lock(cfg)
+        except BaseException:
+            self.run.close()
+            raise
+
+    def _open_run_folder(self) -> None:
+        """Rank 0 creates and locks the run folder; every rank gets its verdict (a RunFolderError)."""
+        error = None
+        try:
+            self.run.open()
+        except RunFolderError as e:
+            error = str(e)
+        if self.acc.num_processes > 1:
+            error = next((e for e in gather_object([error]) if e), None)
+        if error:
+            self.run.close()
+            raise RunFolderError(error)
+
+    def _init_after_lock(self, cfg: Any) -> None:
+        acc, t = self.acc, cfg.train
+        found = list_checkpoints(Path(t.run_dir) / "checkpoints")
+        if found and not t.resume:
+            raise ValueError(f"{t.run_dir} already holds checkpoints (newest: {found[-1].name}): pass "
+                             "train.resume=latest to continue that run, or another train.run_dir")
         set_seed(t.seed * acc.num_processes + acc.process_index)  # per-rank runtime randomness (DiT)
         self.guard = StepGuard(t.max_bad_steps)
         self.checkpointer = Checkpointer(acc, self.run.checkpoints, t.keep_checkpoints, self._write_weights_and_cards,
@@ -143,6 +164,11 @@ class TrainLoop:
         ema.model.to(self.acc.device)
         return ema
 
+    def forward_state(self, *modules: nn.Module) -> ForwardState:
+        """What the forward passes of ``modules`` may write (see ``ForwardState``), to restore when the
+        step is skipped."""
+        return ForwardState(modules)
+
     def finite(self, *values: Optional[torch.Tensor]) -> bool:
         """Whether a step's loss and gradient norms are finite on every rank (``StepGuard``); a skipped
         step is said on the console and counted."""
@@ -160,7 +186,7 @@ class TrainLoop:
     def save(self) -> Path:
         state = {"step": self.step, "guard": self.guard.state_dict(), "skipped": dict(self.skipped),
                  f"{self.unit}_seen": self.seen, "data_layout": self._data_layout()}
-        path = self.checkpointer.save(self.step, state)
+        path = self.checkpointer.save(self.step, state, good=self.guard.in_a_row == 0)
         self.acc.print(f"saved checkpoint {path}")
         return path
 
@@ -172,12 +198,19 @@ class TrainLoop:
                 self.acc.print(f"train.resume={self.cfg.train.resume}: no checkpoint in {self.checkpointer.dir} "
                                "yet, starting from step 0")
             return
+        error, state = None, None
         try:
             state = self.checkpointer.load(path)
+        except CheckpointDamaged as e:
+            error = str(e)
         except (RuntimeError, ValueError) as e:  # load_state_dict: missing / unexpected keys, size mismatches
-            raise ResumeError(f"train.resume: {path} does not fit this config's model "
-                              f"({str(e).strip().splitlines()[-1].strip()}); {path.parent.parent / 'config.yaml'} "
-                              "says how that run was configured") from None
+            error = (f"train.resume: {path} does not fit this config's model "
+                     f"({str(e).strip().splitlines()[-1].strip()}); {path.parent.parent / 'config.yaml'} "
+                     "says how that run was configured")
+        if self.acc.num_processes > 1:  # a file only one rank reads (its RNG state) may fail on that rank
+            error = next((e for e in gather_object([error]) if e), None)
+        if error:
+            raise ResumeError(error)
         self.step = int(state["step"])
         self.guard.load_state_dict(state["guard"])
         self.skipped = Counter({k: int(v) for k, v in state.get("skipped", {}).items()})
@@ -232,24 +265,29 @@ class TrainLoop:
 
     def fit(self) -> dict:
         """Train to ``train.max_steps``; returns a summary (steps, seconds, last eval, bad steps, input
-        skipped, run folder, newest checkpoint, the stopping signal)."""
-        acc, t = self.acc, self.cfg.train
-        self.resume()
-        self.run.save_config(self.cfg)  # after the resume: a config its checkpoint does not fit is not written
-        batches = self.batches(self.step * t.grad_accum)
-        stop = StopFlag()
-        history: list[dict] = []
-        last_eval: dict = {}
-        t_start = t_log = time.time()
-        stopped = None
-        rows_since_log = 0
-        progress = None
-        if acc.is_main_process:
-            from tqdm.auto import tqdm
+        skipped, run folder, newest checkpoint, the stopping signal).
 
-            progress = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        SIGINT / SIGTERM (on any rank) save a checkpoint at the end of the current step and stop, without
+        the evaluation that step may be due for; SIGUSR1 saves one and goes on."""
+        acc, t = self.acc, self.cfg.train
+        stop = StopFlag()  # first: a signal during the resume stops the run before its first step
+        batches = None
+        progress = None
         try:
-            while self.step < t.max_steps:
+            self.resume()
+            self.run.save_config(self.cfg)  # after the resume: a config its checkpoint does not fit is not written
+            batches = self.batches(self.step * t.grad_accum)
+            history: list[dict] = []
+            last_eval: dict = {}
+            t_start = t_log = time.time()
+            stopped = None
+            rows_since_log = 0
+            if acc.is_main_process:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+            stopping = stop.poll(acc.device)[0]
+            while self.step < t.max_steps and not stopping:
                 micro = [next(batches) for _ in range(t.grad_accum)]
                 for batch in micro:
                     rows = len(batch["label"])  # image and token batches both label every row
@@ -268,20 +306,18 @@ class TrainLoop:
                         shown = {k: f"{out[k]:.4f}" for k in ("loss", "accuracy") if k in out}
                         progress.set_postfix(**shown, **{f"{self.unit}_s": f"{out[f'{self.unit}_per_s']:.1f}"})
                     history, t_log, rows_since_log = [], time.time(), 0
-                if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                    last_eval = self.evaluate()
-                    self.run.log_metrics(self.step, "eval", last_eval)
-                    acc.log({k: v for k, v in last_eval.items() if not isinstance(v, str)}, step=self.step)
-                self._fid_record(last_eval)
-                saved = self.step % t.save_every == 0 or self.step == t.max_steps
-                if saved:
+                stopping, save_now = stop.poll(acc.device)
+                if not stopping:  # a stop is quick: the evaluation waits for the next run
+                    if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                        last_eval = self.evaluate()
+                        self.run.log_metrics(self.step, "eval", last_eval)
+                        acc.log({k: v for k, v in last_eval.items() if not isinstance(v, str)}, step=self.step)
+                    self._fid_record(last_eval)
+                if stopping or save_now or self.step % t.save_every == 0 or self.step == t.max_steps:
                     self.save()
-                if stop.should_stop(acc.device):
-                    acc.print(f"stopping at step {self.step} on request")
-                    if not saved:
-                        self.save()
-                    stopped = stop.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
-                    break
+            if stopping:
+                acc.print(f"stopping at step {self.step} on request")
+                stopped = stop.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
             # Inside the try: the summary gathers over ranks, before end_training ends the group.
             found = self.checkpointer.list()
             summary = {
@@ -296,9 +332,30 @@ class TrainLoop:
             }
         finally:
             stop.restore()
-            batches.close()  # shut the loader's workers down now, also after an error
+            if batches is not None:
+                batches.close()  # shut the loader's workers down now, also after an error
             if progress is not None:
                 progress.close()
+            self.run.close()  # the run folder's lock
             acc.end_training()  # closes trackers (and the process group)
         return summary
 
+
+class ForwardState:
+    """Copies of what a training forward pass writes besides activations, to undo a skipped step: every
+    buffer of ``modules`` (BatchNorm statistics, the quantizer's EMA and usage counters) and the
+    parameters a module names in ``forward_updates`` (the quantizer's codebook, which k-means init, the
+    EMA and dead-code restarts set in its forward pass). Small next to the weights: no parameter that only
+    the optimizer changes is copied."""
+
+    def __init__(self, modules):
+        self.saved = []
+        for module in modules:
+            for m in module.modules():
+                tensors = list(m.buffers(recurse=False)) + [getattr(m, n) for n in getattr(m, "forward_updates", ())]
+                self.saved += [(t, t.detach().clone()) for t in tensors if t is not None]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for live, copy in self.saved:
+            live.copy_(copy)

@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from movq.config import PriorConfig
+from movq.config import PriorConfig, check_config
 from movq.data.tokens import TokenDataset, read_token_manifest
 from movq.evaluation.visualize import save_grid
 from movq.generation.maskgit import box_mask, generate
@@ -98,8 +98,7 @@ class PriorTrainer(TrainLoop):
     unit = "samples"
 
     def __init__(self, cfg: PriorConfig, accelerator: Optional[Accelerator] = None):
-        if cfg.data.batch_size < 1:
-            raise ValueError("data.batch_size must be ≥ 1")
+        check_config(cfg)
         if not cfg.data.tokens:
             raise ValueError("data.tokens must name a token folder (made by tools/tokenize_dataset.py)")
         self.manifest = manifest = read_token_manifest(cfg.data.tokens)
@@ -148,6 +147,7 @@ class PriorTrainer(TrainLoop):
     def train_step(self, micro_batches: list[dict]) -> Optional[dict]:
         """The masked-token loss of every micro-batch, then clip, check and step."""
         acc, t = self.acc, self.cfg.train
+        keep = self.forward_state(self.model)  # a skipped step leaves no trace in any buffer
         micro = []
         for batch in micro_batches:
             tokens = batch["tokens"].to(acc.device, non_blocking=True)
@@ -164,6 +164,8 @@ class PriorTrainer(TrainLoop):
             self.sched.step()
             if self.ema is not None:
                 self.ema.update(self.prior)
+        else:
+            keep.restore()
         self.optimizer.zero_grad(set_to_none=True)
         logs["grad_norm"] = norm
         return logs if ok else None

@@ -1,35 +1,44 @@
-"""What a training run is made of besides its models: the run folder, the Accelerator, the guard that
-skips non-finite steps, the flag that SIGINT / SIGTERM raise, and a context for evaluating in eval mode.
+"""What a training run is made of besides its models: the run folder and its lock, the Accelerator, the
+guard that skips non-finite steps, the flags that signals raise, and a context for evaluating in eval mode.
 
 * ``RunDir`` — ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``images/`` of one run; only rank 0
-  writes.
+  writes, and rank 0 holds ``run.lock`` (``RunLock``) for the whole run, so a second run on the same
+  folder is refused instead of mixing its checkpoints and metrics with the first's.
 * ``StepGuard`` — skips and counts steps whose loss or gradients are not finite, and aborts with a
   clear message after too many in a row.
-* ``StopFlag`` — SIGINT / SIGTERM ask the loop to save and exit at the end of the current step, on
-  every rank at once.
+* ``StopFlag`` — SIGINT / SIGTERM ask the loop to save and exit at the end of the current step, SIGUSR1
+  to save and go on (SLURM's ``--signal=USR1@120``), on every rank at once.
 * ``eval_mode`` — evaluate a model in eval mode and give every submodule its own mode back, even when
   the evaluation raises.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
 import signal
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
 from movq.config import save_config
-from movq.utils import PathLike, atomic_write, is_distributed
+from movq.utils import PathLike, atomic_write, is_distributed, output_problem
 
 log = logging.getLogger(__name__)
 
+LOCK_NAME = "run.lock"
 
 
 def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
@@ -48,6 +57,9 @@ def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
         step_scheduler_with_optimizer=False,
         log_with=list(train_cfg.trackers) or None,
         project_dir=project_dir,
+        # A frozen or dead rank ends the collectives of the others after this long (gloo raises; NCCL's
+        # watchdog aborts the process) instead of blocking them forever.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.dist_timeout))],
     )
 
 
@@ -57,17 +69,88 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
 
 
 
+class RunFolderError(ValueError):
+    """The run folder cannot be used: it is a file, cannot be written, or another run holds its lock."""
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``folder/run.lock``, which also says who holds it (host, PID, start).
+
+    The kernel drops the lock when its holder exits, however it dies (``kill -9`` included), so a stale
+    file never blocks a new run; a file system without locks (some network mounts) gets a warning and no
+    lock. On NFS the kernel maps ``flock`` to byte-range locks, hence a file opened for writing."""
+
+    def __init__(self, folder: PathLike):
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``RunFolderError`` naming the host and PID that hold it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise RunFolderError(f"{self.path.parent} is in use by another run ({_describe_holder(holder)}); "
+                                     "wait for it to end, or pass another train.run_dir") from None
+            log.warning("%s: this file system does not support locks (%s): the run folder is not locked "
+                        "against a second run", self.path, e.strerror)
+            self._fd = fd
+            return
+        os.ftruncate(fd, 0)
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"PID {info['pid']} on host {info['host']}, running since {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "its holder did not say who it is"
+
+
 class RunDir:
-    """The folder of one run. Every method is a no-op on ranks other than 0."""
+    """The folder of one run. ``open()`` creates and locks it; every method is a no-op on ranks other
+    than 0. Nothing touches the disk before ``open()``, so a run refused before it leaves no folder."""
 
     def __init__(self, root: PathLike, is_main: bool):
         self.root = Path(root)
         self.is_main = is_main
         self.checkpoints = self.root / "checkpoints"
         self.images = self.root / "images"
-        if is_main:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            self.images.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.root)
+
+    def open(self) -> None:
+        """Rank 0: create the folder (and ``checkpoints/``, ``images/``) and take its lock, or raise
+        ``RunFolderError`` (a file in the way, a read-only or full file system, another run's lock)."""
+        if not self.is_main:
+            return
+        problem = output_problem(self.root, folder=True)
+        if problem:
+            raise RunFolderError(f"train.run_dir: {problem}")
+        self.lock.acquire()
+        try:
+            self.checkpoints.mkdir(exist_ok=True)
+            self.images.mkdir(exist_ok=True)
+        except OSError as e:
+            self.lock.release()
+            raise RunFolderError(f"train.run_dir: cannot create {e.filename} ({e.strerror})") from None
+
+    def close(self) -> None:
+        self.lock.release()
 
     def save_config(self, cfg: Any) -> None:
         if self.is_main:
@@ -103,6 +186,16 @@ class RunDir:
                 f.write("".join(line + "\n" for line in later))
             atomic_write(path, "".join(line + "\n" for line in keep))
         return len(later)
+
+
+def collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed: timed out (``train.dist_timeout``) or lost its peer. gloo
+    raises plain RuntimeErrors naming itself; NCCL and newer torch raise ``DistError``s."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL"))
 
 
 class NonFiniteError(RuntimeError):
@@ -147,31 +240,83 @@ class StepGuard:
         self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
 
 
+_critical = {"depth": 0, "interrupted": False}
+
+
+@contextmanager
+def critical_section() -> Iterator[None]:
+    """A block that a second Ctrl-C does not cut in half (committing and rotating checkpoints): the
+    ``KeyboardInterrupt`` it asks for is raised when the outermost such block ends. (Signals cannot simply
+    be blocked: another thread would take them and the handler would still run in this one.)"""
+    _critical["depth"] += 1
+    try:
+        yield
+    finally:
+        _critical["depth"] -= 1
+        if _critical["depth"] == 0 and _critical["interrupted"]:
+            _critical["interrupted"] = False
+            raise KeyboardInterrupt
+
+
+def interrupt_now() -> None:
+    """Raise ``KeyboardInterrupt``, or at the end of the current ``critical_section``."""
+    if _critical["depth"]:
+        _critical["interrupted"] = True
+    else:
+        raise KeyboardInterrupt
+
+
 class StopFlag:
-    """Set by SIGINT/SIGTERM; ``should_stop()`` agrees across ranks (any rank's signal stops all)."""
+    """Set by SIGINT / SIGTERM (save, then stop) and SIGUSR1 (save, then go on); ``poll()`` agrees across
+    ranks (any rank's signal acts on all).
+
+    A repeated SIGTERM changes nothing: ``timeout`` and cluster managers send it to the main process and
+    again to its whole process group, and they follow up with SIGKILL themselves. A second Ctrl-C (SIGINT
+    at least a second after the first) stops at once, without the checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
+        self.save_requested = False
         self.signum: Optional[int] = None  # the signal this process got, if any
+        self._first_sigint: Optional[float] = None
         self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. some test runners): no signal handling
                 pass
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if signum == signal.SIGUSR1:
+            log.warning("signal %d: saving a checkpoint after this step, then training on", signum)
+            self.save_requested = True
+            return
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > 1.0:
+                interrupt_now()  # Ctrl-C again: stop now
+                return
+            self._first_sigint = self._first_sigint or now
+        if self.requested:
+            return
         log.warning("signal %d: saving a checkpoint and stopping after this step", signum)
         self.requested, self.signum = True, signum
 
+    def poll(self, device: torch.device) -> tuple[bool, bool]:
+        """``(stop, save)``: whether any rank was asked to stop, or to save a checkpoint; clears the save
+        request (it is served by the caller). Collective under torch.distributed."""
+        save, self.save_requested = self.save_requested, False
+        stop = self.requested
+        if is_distributed():
+            flags = torch.tensor([float(stop), float(save)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, save = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        return stop, save
+
     def should_stop(self, device: torch.device) -> bool:
-        if not is_distributed():
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return self.poll(device)[0]
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

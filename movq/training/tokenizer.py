@@ -9,7 +9,8 @@ the schedule around the step (logging, evaluation, checkpoints, resume, stopping
 
 Guarantees: every rank reads its own data; only rank 0 writes; checkpoints are atomic and a resume is
 bit-exact on CPU (the data stream is a pure function of seed and position, RNG states are restored); a
-non-finite loss or gradient skips the step; SIGINT / SIGTERM save and exit.
+non-finite loss or gradient skips the step and leaves no trace (BatchNorm statistics, the quantizer's
+codebook, EMA and usage are restored); SIGINT / SIGTERM save and exit, SIGUSR1 saves and goes on.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from movq.config import TokenizerConfig
+from movq.config import ConfigError, TokenizerConfig, check_config
 from movq.data.stream import build_dataloader, build_dataset, train_batches
-from movq.evaluation.metrics import TokenizerMetrics
+from movq.evaluation.metrics import SSIM_MIN_SIZE, TokenizerMetrics
 from movq.evaluation.visualize import save_grid, save_usage_chart
 from movq.models.autoencoder import MoVQ
 from movq.models.discriminator import PatchDiscriminator
@@ -39,6 +40,28 @@ GRID_IMAGES = 8  # columns of the reconstruction grid
 DISCRIMINATOR_NAME = "discriminator.safetensors"
 
 
+def check_run_config(cfg: TokenizerConfig) -> None:
+    """What no single section can check: every attention resolution is one the model has, and the images
+    are large enough for the discriminator and the evaluation. ``ConfigError`` naming the key."""
+    check_config(cfg)
+    m = cfg.model
+    sizes = [m.resolution // 2**i for i in range(len(m.channel_mult))]  # feature maps, level by level
+    never = [r for r in m.attn_resolutions if r not in sizes]
+    if never:
+        raise ConfigError(f"config key 'model.attn_resolutions': {never} never reached: the feature maps are "
+                          f"{sizes} (model.resolution={m.resolution} halved at each of the "
+                          f"{len(m.channel_mult) - 1} downsamplings of model.channel_mult)")
+    widths = [m.base_channels * k for k in m.channel_mult]
+    if any(w % m.norm_groups for w in widths):
+        raise ConfigError(f"config key 'model.norm_groups': {m.norm_groups} does not divide every width "
+                          f"(model.base_channels × model.channel_mult = {widths})")
+    need = {f"the discriminator (discriminator.n_layers={cfg.discriminator.n_layers})": cfg.discriminator.min_image_size(),
+            "the held-out SSIM": SSIM_MIN_SIZE}
+    if cfg.data.image_size < max(need.values()):
+        raise ConfigError(f"config key 'data.image_size': {cfg.data.image_size} is too small; "
+                          + ", ".join(f"{who} needs ≥ {n}" for who, n in need.items()))
+
+
 class TokenizerTrainer(TrainLoop):
     """Builds everything from a ``TokenizerConfig``; ``fit()`` trains to ``train.max_steps``."""
 
@@ -46,6 +69,7 @@ class TokenizerTrainer(TrainLoop):
     fid_key = "val/rfid"
 
     def __init__(self, cfg: TokenizerConfig, accelerator: Optional[Accelerator] = None):
+        check_run_config(cfg)
         # Both splits now, not at the first evaluation: a missing or empty data.val / data.train is an
         # error before anything trains (every run evaluates, at least at its last step).
         for split in ("train", "val"):
@@ -88,6 +112,7 @@ class TokenizerTrainer(TrainLoop):
     def train_step(self, micro_batches: list[dict]) -> Optional[dict]:
         """Generator and discriminator passes of every micro-batch, then clip, check and step both."""
         acc, t = self.acc, self.cfg.train
+        keep = self.forward_state(self.model, self.disc)  # a skipped step leaves no trace in any buffer
         logs = mean_micro_logs([self.micro_step(b["image"].to(acc.device, non_blocking=True)) for b in micro_batches])
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         gan = "d_total" in logs
@@ -102,6 +127,8 @@ class TokenizerTrainer(TrainLoop):
                 self.sched_d.step()
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model))
+        else:
+            keep.restore()
         self.optimizer.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
         logs["grad_norm"] = norm_g
