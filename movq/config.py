@@ -222,7 +222,7 @@ class DataConfig:
     def check(self) -> None:
         _require(
             "DataConfig",
-            (self.source in ("builtin", "folder", "shards"), "source", f"must be builtin, folder or shards, got {self.source!r}"),
+            (self.source in ("builtin", "shapes", "folder", "shards"), "source", f"must be builtin, shapes, folder or shards, got {self.source!r}"),
             *(_at_least(self, k, 1) for k in ("image_size", "batch_size", "builtin_train_size", "builtin_val_size",
                                                "shuffle_buffer")),
             _at_least(self, "num_workers", 0),
