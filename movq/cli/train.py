@@ -39,16 +39,6 @@ def summary_banner(summary: dict, accelerator: Accelerator, body: Sequence[str],
     ])
 
 
-def check_trackers(trackers) -> None:
-    """Accelerate silently drops a tracker whose package is missing; say so instead, naming movq's extra."""
-    import importlib.util
-
-    missing = [t for t in trackers if t in ("wandb", "tensorboard") and importlib.util.find_spec(t) is None]
-    if missing:
-        raise ModuleNotFoundError(f"train.trackers names {', '.join(missing)}, which is not installed: pip install "
-                                  f"'movq[{','.join(missing)}]'", name=missing[0])
-
-
 def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     """Load the config, build the trainer and fit; returns ``(trainer, summary, exit_code)``.
 
@@ -57,7 +47,7 @@ def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     stopped early by SIGINT / SIGTERM (checkpoint saved) gives 128 + the signal (130 / 143)."""
     from movq.config import ConfigError, load_config
     from movq.training.checkpoints import ResumeError
-    from movq.training.run import NonFiniteError
+    from movq.training.run import NonFiniteError, check_trackers
 
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
