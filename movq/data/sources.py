@@ -26,7 +26,7 @@ from typing import Optional, Union
 import numpy as np
 
 from movq.data.decode import IMAGE_EXTS, list_images
-from movq.data.shards import expand_shards, iter_tar, manifest_classes, manifest_counts, read_manifests
+from movq.data.shards import expand_shards, iter_tar, manifest_classes, manifest_counts, read_manifests, sample_label
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ class _ShardSource:
         label, skip = -1, None
         if self.want_labels:
             try:
-                label = int(members["cls"].decode().strip())
-            except (KeyError, ValueError, UnicodeDecodeError):
+                label = sample_label(members)
+            except ValueError:
                 skip = "bad_label"
             if self.classes and not 0 <= label < len(self.classes):
                 skip = "bad_label"
