@@ -222,7 +222,8 @@ class DataConfig:
     def check(self) -> None:
         _require(
             "DataConfig",
-            (self.source in ("builtin", "shapes", "folder", "shards"), "source", f"must be builtin, shapes, folder or shards, got {self.source!r}"),
+            (self.source in ("builtin", "shapes", "folder", "shards"), "source",
+             f"must be builtin, shapes, folder or shards, got {self.source!r}"),
             *(_at_least(self, k, 1) for k in ("image_size", "batch_size", "builtin_train_size", "builtin_val_size",
                                                "shuffle_buffer")),
             _at_least(self, "num_workers", 0),
@@ -243,9 +244,15 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # After the warmup: constant (taming, MoVQ), or a cosine (MaskGIT) / linear decay to min_lr_ratio · lr at
+    # max_steps (the discriminator's, which starts at loss.disc_start, ends there too)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm, G and D each; 0 disables (taming: none; MoVQGAN: by value 1.0)
     grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 is refused, see training.make_accelerator
+    # None: the launcher's choice (accelerate launch --mixed_precision, accelerate config, ACCELERATE_MIXED_PRECISION),
+    # else no. fp16 is refused, see training.run.make_accelerator
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
     ema_decay: float = 0.999  # 0 disables the EMA copy of the generator
     seed: int = 0
     log_every: int = 50

@@ -463,6 +463,19 @@ def test_a_frozen_rank_ends_every_live_rank_within_the_timeout(tmp_path, cache, 
     _wait(lambda: not _alive(every), 15, "every process to end (no orphans)")
 
 
+@pytest.mark.parametrize("message", [
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv operation",
+    "Application timeout caused pair closure",  # gloo, when the timeout hits inside DDP's buffer broadcast
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234",
+])
+def test_the_ways_gloo_says_a_collective_failed_are_recognised(message):
+    from movq.training.run import collective_failure
+
+    assert collective_failure(RuntimeError(message))
+    assert not collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not collective_failure(ValueError(message))
+
+
 # --------------------------------------------------------------------------------------
 # 6. A skipped step leaves no trace
 # --------------------------------------------------------------------------------------

@@ -112,6 +112,18 @@ def test_loss_falls_and_token_maps_without_tokenizer(tmp_path, data):
     assert (tmp_path / "a" / "images" / "samples_0000030.png").is_file()  # token maps instead
 
 
+def test_sample_grids_and_inpainting_go_to_tensorboard(tmp_path, data):
+    from PIL import Image
+    from test_trainer import tensorboard_images
+
+    fit(tiny_cfg(tmp_path / "a", data["tokens"], max_steps=2, grad_accum=1, eval_every=2, save_every=100,
+                 trackers=["tensorboard"]))
+    images = tensorboard_images(tmp_path / "a")
+    for name, png in (("images/samples", "samples_0000002.png"), ("images/inpaint", "inpaint_0000002.png")):
+        w, h = Image.open(tmp_path / "a" / "images" / png).size
+        assert images[name] == [(2, h, w)], name
+
+
 def test_fid_with_standin_inception_weights(tmp_path, data, monkeypatch):
     from movq.evaluation import fid
     from movq.evaluation.inception import standin_state_dict

@@ -19,7 +19,7 @@ from PIL import Image
 from movq.config import TokenizerConfig, load_config
 from movq.models.autoencoder import MoVQ
 from movq.training.losses import TokenizerLoss
-from movq.training.run import NonFiniteError
+from movq.training.run import NonFiniteError, lr_lambda
 from movq.training.tokenizer import TokenizerTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,20 +58,34 @@ def train_records(run_dir):
     return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
 
 
-def test_resume_is_bit_exact(tmp_path, cache):
-    def cfg(run, **train):
-        c = tiny_cfg(tmp_path / run, cache, **train)
+def stop_after(monkeypatch, steps: int) -> None:
+    """The next run stops as on SIGTERM after ``steps`` steps (checkpoint saved, same max_steps: a pre-emption)."""
+    from movq.training.run import StopFlag
+
+    calls = iter(range(1, 10**6))
+    monkeypatch.setattr(StopFlag, "poll", lambda self, device: (next(calls) > steps, False))
+
+
+def test_resume_is_bit_exact(tmp_path, cache, monkeypatch):
+    def cfg(run, **train):  # a decaying LR: G's and D's curves (D starts at disc_start = 2) continue exactly
+        c = tiny_cfg(tmp_path / run, cache, lr_schedule="cosine", min_lr_ratio=0.1, **train)
         c.model.dropout = 0.1  # draws from the global RNG after the resume too
         return c
 
     straight, _ = fit(cfg("a"))
-    fit(cfg("b", max_steps=3))
+    with monkeypatch.context() as m:  # pre-empted at step 3
+        stop_after(m, 3)
+        assert fit(cfg("b"))[1]["steps"] == 3
     resumed, summary = fit(cfg("b", resume="latest"))
     assert summary["steps"] == 6
     a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     for step in (4, 5, 6):
-        for key in ("loss", "rec_loss", "d_loss", "quant_loss", "grad_norm"):
+        for key in ("loss", "rec_loss", "d_loss", "quant_loss", "grad_norm", "lr"):
             assert a[step][key] == b[step][key], (step, key)
+    assert [b[s]["lr"] for s in (4, 5, 6)] == [1e-4 * lr_lambda("cosine", 2, 6, 0.1)(s) for s in (4, 5, 6)]
+    for trainer in (straight, resumed):  # D stepped at steps 3 to 6, and its curve ends at max_steps
+        assert trainer.sched_d.state_dict()["last_epoch"] == 4
+        assert trainer.opt_d.param_groups[0]["lr"] == 1e-4 * lr_lambda("cosine", 2, 4, 0.1)(4)
     sa = straight.acc.unwrap_model(straight.model).state_dict()
     sb = resumed.acc.unwrap_model(resumed.model).state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -261,14 +275,91 @@ def test_fp16_is_refused_with_a_reason(tmp_path, cache):
         fit(tiny_cfg(tmp_path / "run", cache, mixed_precision="fp16"))
 
 
-def test_trackers_write_into_the_run_folder(tmp_path, cache, monkeypatch):
+def test_the_launchers_precision_is_taken_when_the_config_leaves_it_unset(tmp_path, cache, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (and `accelerate config`) reach the process as
+    ACCELERATE_MIXED_PRECISION: honoured when train.mixed_precision is unset, overridden when it is set."""
+    from movq.training.run import make_accelerator
+
+    def precision(**train):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return make_accelerator(tiny_cfg(tmp_path / "run", cache, **train).train, str(tmp_path / "run")).mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert tiny_cfg(tmp_path / "run", cache).train.mixed_precision is None and precision() == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert precision() == "bf16" and precision(mixed_precision="no") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match=r"fp16 \(from the launcher.*is not supported.*Use bf16"):
+        precision()
+    assert precision(mixed_precision="bf16") == "bf16"
+    # a run under the launcher's bf16 trains in bf16 and says so in its config.yaml
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    trainer, summary = fit(tiny_cfg(tmp_path / "bf16", cache, max_steps=1, grad_accum=1, save_every=100))
+    assert summary["steps"] == 1 and trainer.acc.mixed_precision == "bf16"
+    assert "mixed_precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
+    AcceleratorState._reset_state(True)
+
+
+def tensorboard_images(run_dir) -> dict:
+    """``{tag: [(step, height, width)]}`` of every image in a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict = {}
+    for path in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"images": 0})
+        events.Reload()
+        for tag in events.Tags()["images"]:
+            found.setdefault(tag, []).extend((e.step, e.height, e.width) for e in events.Images(tag))
+    return found
+
+
+def test_trackers_get_the_pictures_and_a_resume_continues_the_wandb_run(tmp_path, cache, monkeypatch):
+    """Reconstruction grids and usage charts go to TensorBoard and wandb as well as images/; the wandb id is kept
+    in the run folder and reused by a resume; the resolved config is logged as the trackers start."""
+    import yaml
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_cfg(tmp_path / "run", cache, max_steps=2, grad_accum=1, save_every=100, trackers=["tensorboard", "wandb"])
-    fit(cfg)
-    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert not (tmp_path / "wandb").exists()
+    run = tmp_path / "run"
+
+    def cfg(**train):
+        return tiny_cfg(run, cache, grad_accum=1, eval_every=1, save_every=1, trackers=["tensorboard", "wandb"], **train)
+
+    fit(cfg(max_steps=1))
+    assert list(run.rglob("events.out.tfevents.*"))
+    assert not (tmp_path / "wandb").exists()  # wandb writes into the run folder, not the working directory
+    run_id = (run / "wandb_id").read_text().strip()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    fit(cfg(max_steps=2, resume="latest"))
+    assert (run / "wandb_id").read_text().strip() == run_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same wandb run, continued
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    # the pictures: TensorBoard images (the PNGs' sizes) and wandb media files, at the eval steps
+    grid = np.asarray(Image.open(run / "images" / "recon_0000001.png"))
+    images = tensorboard_images(run)
+    assert images["images/reconstruction"] == [(1, *grid.shape[:2]), (2, *grid.shape[:2])]
+    assert [s for s, _, _ in images["images/codebook_usage"]] == [1, 2]
+    media = sorted(p.name.rsplit("_", 1)[0] for p in (run / "wandb").rglob("media/images/**/*.png"))
+    assert media == ["codebook_usage_1", "codebook_usage_2", "reconstruction_1", "reconstruction_2"]
+    # the resolved config, once per start: the launcher-resolved precision, not null
+    logged = [yaml.safe_load(p.read_text()) for p in sorted(run.rglob("hparams.yml"))]
+    assert len(logged) == 2 and logged[0]["train.mixed_precision"] == "no" and logged[0]["data.image_size"] == 16
+    # a fresh run (no checkpoint to resume) starts another wandb run
+    from movq.training.run import RunDir
+
+    assert RunDir(run, True).wandb_id(new=True) not in ("", run_id) and RunDir(run, False).wandb_id(new=False) is None
+
+
+def test_a_missing_tracker_is_refused_where_the_accelerator_is_built(tmp_path, cache, monkeypatch):
+    import importlib.util
+
+    from movq.training.run import make_accelerator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"train.trackers names wandb, .*pip install 'movq\[wandb\]'"):
+        make_accelerator(tiny_cfg(tmp_path / "run", cache, trackers=["wandb"]).train, str(tmp_path / "run"))
 
 
 def test_checkpoint_model_folders_carry_a_model_card(tmp_path, cache):

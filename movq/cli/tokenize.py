@@ -1,21 +1,23 @@
 """Encode a dataset into token shards with a trained MoVQ tokenizer (for training the prior).
 
     accelerate launch tools/tokenize_dataset.py --tokenizer CKPT DATA OUT [--batch-size N]
-        [--image-size S] [--source folder|shards|builtin|shapes] [--shard-size 1000] [--no-labels]
+        [--image-size S] [--source folder|shards|builtin|shapes] [--shard-size 1000] [--no-labels] [--flip]
     python tools/tokenize_dataset.py --tokenizer runs/tiny builtin runs/tiny/tokens
 
 CKPT is a tokenizer model folder (model.safetensors + config.json), a checkpoint folder (its ema/ is
 used, else model/) or a run folder (its newest checkpoint). DATA is an image folder (class
-sub-folders give labels), webdataset shards (a folder of .tar, a .tar or a brace pattern; labels
-from .cls when the manifest lists classes), or the word ``builtin``: the offline dataset's training
+sub-folders give labels), webdataset shards (a folder of .tar, a .tar, a brace pattern or a URL such as
+``pipe:curl -s https://host/train-{000000..000099}.tar``; labels from .cls or .json when the manifest
+lists classes, or with --num-classes), or the word ``builtin``: the offline dataset's training
 crops, labelled by the photograph each crop was cut from (14 classes), or the word ``shapes``: the
 shapes dataset's training split (movq/data/shapes.py, 8 shape classes; its val split is the folder
 ``val/`` beside it, given as shards).
 
 Images are centre-cropped to the largest square and resized to S (default: the tokenizer's
-resolution), as for validation. Each output shard (OUT/tokens-NNNNNN.tar, see movq/data/tokens.py) is
-written atomically by rank ``N % world_size``; a rerun with the same settings skips the finished
-ones (other settings, e.g. a retrained tokenizer, are refused unless --overwrite), and
+resolution), as for validation; --flip adds each image's mirror image as a second sample. Each output
+shard (OUT/tokens-NNNNNN.tar, see movq/data/tokens.py) is written atomically by rank ``N % world_size``;
+a rerun with the same settings skips the finished ones (other settings, e.g. a retrained tokenizer, are
+refused unless --overwrite), and
 OUT/manifest.json is written once all are done. Unreadable images are skipped and counted per reason.
 Input shards are read against their manifest (sha256 first, then the sample count), as in training: what
 a damaged shard cannot give counts as skipped by reason (``shard_checksum``, ``shard_unreadable``,
@@ -65,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the tokens in OUT if they were made with other settings (else refused)")
     p.add_argument("--no-labels", action="store_true", help="ignore class labels (unconditional prior)")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="shards without a manifest listing classes (made elsewhere, or URLs): labels 0..N-1 from "
+                        "each sample's .cls or .json")
+    p.add_argument("--flip", action="store_true",
+                   help="also encode each image mirrored left to right (KEY_flip; doubles the token samples)")
     p.add_argument("--cache-dir", help="builtin dataset cache (default $MOVQ_CACHE_DIR or ~/.cache/movq)")
     p.add_argument("--builtin-size", type=int,
                    help="images in the builtin or shapes training split (default 2048)")
@@ -78,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size, --shard-size and --workers must be >= 1")
     if args.image_size is not None and args.image_size < 1:
         p.error("--image-size must be >= 1")
+    if args.num_classes is not None and args.num_classes < 1:
+        p.error("--num-classes must be >= 1")
     return args
 
 
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
     acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
     plan_kw = dict(shard_size=args.shard_size, cache_dir=args.cache_dir, labels=False if args.no_labels else None,
-                   builtin_size=args.builtin_size)
+                   builtin_size=args.builtin_size, num_classes=args.num_classes)
     error, plan = None, None
     try:
         try:
@@ -137,6 +146,8 @@ def main(argv=None) -> int:
             # rather than mixing old shards with shards cut on new boundaries
             "inputs_sha256": hashlib.sha256(json.dumps([[c.files, c.shard] for c in plan.chunks]).encode()).hexdigest(),
         }
+        if args.flip:  # only when set: folders made before the option still resume
+            spec["augment"] = "flip"
         try:
             prepare_output(args.out, spec, overwrite=args.overwrite)
         except (OSError, TokenDataError) as e:
@@ -164,7 +175,7 @@ def main(argv=None) -> int:
             try:
                 samples, skipped, converted = encode_chunk(plan, chunk, model, size=size, batch_size=args.batch_size,
                                                            device=acc.device, pool=pool, bf16=args.bf16,
-                                                           on_bad_shard=args.on_bad_shard)
+                                                           on_bad_shard=args.on_bad_shard, flip=args.flip)
                 if chunk.index == 0 and plan.missing:  # counted once, with the first shard
                     skipped["shard_missing"] += sum(plan.missing.values())
             except UnreadableShard as e:  # the shards finished so far stay: a rerun resumes after a fix

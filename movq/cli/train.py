@@ -40,16 +40,6 @@ def summary_banner(summary: dict, accelerator: Accelerator, body: Sequence[str],
     ])
 
 
-def check_trackers(trackers) -> None:
-    """Accelerate silently drops a tracker whose package is missing; say so instead, naming movq's extra."""
-    import importlib.util
-
-    missing = [t for t in trackers if t in ("wandb", "tensorboard") and importlib.util.find_spec(t) is None]
-    if missing:
-        raise ModuleNotFoundError(f"train.trackers names {', '.join(missing)}, which is not installed: pip install "
-                                  f"'movq[{','.join(missing)}]'", name=missing[0])
-
-
 # OSErrors of the machine rather than of the code: a one-line error, not a traceback.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -76,7 +66,7 @@ def build_and_fit(config_cls, trainer_cls, args: argparse.Namespace):
     from movq.config import load_config
     from movq.data.sources import DataError
     from movq.training.checkpoints import CheckpointSaveError, ResumeError
-    from movq.training.run import NonFiniteError, collective_failure
+    from movq.training.run import NonFiniteError, check_trackers, collective_failure
 
     trainer = None
     try:

@@ -4,7 +4,8 @@ Reference: the webdataset format (github.com/webdataset/webdataset: consecutive 
 share a key, ``{key}.jpg`` + ``{key}.cls``, form one sample). Writing (``ShardWriter``: fixed tar
 headers (``TarShard``), so equal input gives byte-identical shards and checksums; ``write_manifest``) and
 reading (``read_manifest``; ``read_manifests``, ``manifest_counts`` and ``manifest_classes`` for
-shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample,
+shards spread over several folders; ``expand_shards`` for brace patterns, ``iter_tar`` per sample, from a
+file or a webdataset URL: ``pipe:CMD``, ``http(s)://``; ``sample_label`` from ``.cls`` or ``.json``;
 ``read_shard``: the samples of one shard checked against its manifest entry). Decoding the samples and
 streaming them to ranks is ``movq.data``'s job.
 
@@ -24,8 +25,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -167,7 +172,7 @@ def read_manifests(shards: Sequence[str]) -> dict[Path, dict]:
     folders without a ``manifest.json`` are left out. A pattern may span several folders, and
     each folder's manifest describes only its own shards."""
     manifests = {}
-    for folder in dict.fromkeys(Path(s).parent for s in shards):
+    for folder in dict.fromkeys(Path(s).parent for s in shards if not is_url(s)):  # URLs: none is read
         manifest = read_manifest(folder)
         if manifest is not None:
             manifests[folder] = manifest
@@ -205,10 +210,81 @@ def manifest_classes(manifests: dict[Path, dict]) -> Optional[list[str]]:
     return classes
 
 
+def is_url(shard: str) -> bool:
+    """Whether a shard is read through a command (``pipe:CMD``, ``https://...``) rather than opened as a file."""
+    return shard.startswith("pipe:") or "://" in shard
+
+
+def shard_command(url: str) -> str:
+    """The shell command whose stdout is the tar of a shard URL (webdataset's URLs): ``pipe:CMD`` runs CMD,
+    ``http(s)://`` goes through curl. Object stores are read through ``pipe:`` with their own tool, so that
+    credentials stay theirs: a bare ``s3://`` or ``gs://`` URL is an error that shows the pipe to write."""
+    if url.startswith("pipe:"):
+        return url[len("pipe:"):]
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        return f"curl --silent --show-error --fail --location {shlex.quote(url)}"
+    hints = {"s3": f"'pipe:aws s3 cp {url} -'", "gs": f"'pipe:gsutil cat {url}'"}
+    if scheme in hints:
+        raise ValueError(f"shard {url}: read {scheme}:// through a pipe, e.g. {hints[scheme]}")
+    raise ValueError(f"shard {url}: unknown URL scheme {scheme!r} (local paths, pipe:CMD, http:// and https:// are read)")
+
+
+class _CommandStream:
+    """The stdout of a shard's command; at its end a non-zero exit status is an ``OSError`` with the command's
+    stderr (a missing object, a failed download), not a silently short shard."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, stderr):
+        self.url, self.proc, self.stderr = url, proc, stderr
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        if not data and self.proc.wait() != 0:
+            self.stderr.seek(0)
+            said = self.stderr.read().decode(errors="replace").strip().splitlines()
+            raise OSError(f"{self.url!r} exited with status {self.proc.returncode}"
+                          + (f": {said[-1].strip()}" if said else ""))
+        return data
+
+
+@contextmanager
+def open_shard(shard: str) -> Iterator:
+    """A readable binary stream of a shard: a local file, or a URL's command output (``shard_command``)."""
+    if not is_url(shard):
+        with open(shard, "rb") as f:
+            yield f
+        return
+    command = shard_command(shard)
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            yield _CommandStream(shard, proc, stderr)
+        finally:  # also when the reader stops early: end the command, never wait on a full pipe
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def sample_label(members: dict[str, bytes]) -> int:
+    """The class index of a webdataset sample: its ``.cls`` member (an integer as text), else the ``"label"``
+    or ``"cls"`` key of its ``.json`` (an integer). ``ValueError`` when it has neither."""
+    if "cls" in members:
+        return int(members["cls"].decode().strip())
+    if "json" in members:
+        meta = json.loads(members["json"])
+        for key in ("label", "cls"):
+            value = meta.get(key) if isinstance(meta, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    raise ValueError('no class label (a .cls member, or "label" / "cls" in the .json)')
+
+
 def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
-    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths; a folder
-    stands for its ``*.tar`` files (as tools/tokenize_dataset.py takes it). Every shard must exist: a
-    missing one fails here, naming it."""
+    """Brace patterns (``data/train-{000000..000127}.tar``, several joined by ``::``) → paths or URLs
+    (``pipe:curl -s https://host/train-{000000..000127}.tar``, ``https://...``; see ``shard_command``); a
+    folder stands for its ``*.tar`` files (as tools/tokenize_dataset.py takes it). Every local shard must
+    exist: a missing one fails here, naming it (a URL fails when it is read)."""
     from webdataset.shardlists import expand_urls
 
     if isinstance(pattern, str) and Path(pattern).expanduser().is_dir():
@@ -219,7 +295,10 @@ def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
     urls = list(pattern) if not isinstance(pattern, str) else expand_urls(pattern)
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} matches no shards")
-    missing = [u for u in urls if not Path(u).is_file()]
+    for u in urls:
+        if is_url(u):
+            shard_command(u)  # an unknown scheme fails now, not in a loader worker
+    missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist, e.g. {missing[:3]}"
@@ -228,10 +307,10 @@ def expand_shards(pattern: Union[str, Sequence[str]]) -> list[str]:
 
 
 def iter_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample; key = member path up to the first '.' of its name.
+    """(key, {ext: bytes}) per sample of a shard file or URL; key = member path up to the first '.' of its name.
     A tar that breaks off raises ``tarfile.TarError``/``OSError`` after the samples before it."""
     key, members = None, {}
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for m in tar:
             if not m.isfile():
                 continue
@@ -267,7 +346,10 @@ _verified: dict[tuple, Optional[tuple[str, str]]] = {}
 
 def _check(path: str, sha256: Optional[str]) -> Optional[tuple[str, str]]:
     """``(reason, detail)`` when the file cannot be used as a whole, else None. The sha256 is computed
-    once per process and file version (the verdict is remembered by size and modification time)."""
+    once per process and file version (the verdict is remembered by size and modification time). A URL
+    has no manifest entry and nothing to check before it is read."""
+    if is_url(path):
+        return None
     try:
         st = os.stat(path)
     except OSError as e:

@@ -36,6 +36,7 @@ from movq.data.shards import (
     manifest_entries,
     read_manifests,
     read_shard,
+    sample_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -299,8 +300,8 @@ class _ShardSource:
         label, skip = -1, None
         if self.want_labels:
             try:
-                label = int(members["cls"].decode().strip())
-            except (KeyError, ValueError, UnicodeDecodeError):
+                label = sample_label(members)
+            except ValueError:
                 skip = "bad_label"
             if self.classes and not 0 <= label < len(self.classes):
                 skip = "bad_label"

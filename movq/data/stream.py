@@ -97,8 +97,8 @@ class ImageStream(IterableDataset):
             if not length:
                 raise ValueError(
                     f"data.epoch_length must be set: {source.describe()} has no manifest.json "
-                    "to count its samples (tools/make_shards.py writes one; shards made elsewhere need "
-                    "data.epoch_length=<samples per epoch>)"
+                    "to count its samples (tools/make_shards.py writes one; shards made elsewhere, and shards "
+                    "read through URLs, need data.epoch_length=<samples per epoch>)"
                 )
             self.steps_per_epoch = max(1, length // (batch_size * world_size))
         elif isinstance(source, _ShardSource) and len(source.shards) < world_size * self.num_workers:

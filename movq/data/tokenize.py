@@ -24,7 +24,16 @@ from movq.config import DataConfig
 from movq.data.builtin import BUILTIN_TRAIN_PHOTOS, builtin_dataset
 from movq.data.decode import IMAGE_EXTS, SkipSample, images_from_uint8, list_images, load_image
 from movq.data.shapes import shapes_split
-from movq.data.shards import ShardProblem, expand_shards, manifest_classes, manifest_entries, read_manifests, read_shard
+from movq.data.shards import (
+    ShardProblem,
+    expand_shards,
+    is_url,
+    manifest_classes,
+    manifest_entries,
+    read_manifests,
+    read_shard,
+    sample_label,
+)
 from movq.data.sources import _FolderSource, folder_classes
 from movq.data.tokens import sanitize_key
 
@@ -66,7 +75,7 @@ def detect_source(data: str) -> str:
     """``builtin`` / ``shapes`` for the words themselves, ``shards`` for a .tar path or pattern, else ``folder``."""
     if data in ("builtin", "shapes"):
         return data
-    if data.endswith(".tar") or "{" in data or "::" in data:
+    if is_url(data) or data.endswith(".tar") or "{" in data or "::" in data:
         return "shards"
     p = Path(data).expanduser()
     if p.is_dir() and any(p.glob("*.tar")) and not list_images(p)[:1]:
@@ -76,12 +85,14 @@ def detect_source(data: str) -> str:
 
 def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: int = 256,
                 cache_dir: Optional[str] = None, labels: Optional[bool] = None,
-                builtin_size: Optional[int] = None) -> InputPlan:
+                builtin_size: Optional[int] = None, num_classes: Optional[int] = None) -> InputPlan:
     """List the inputs of ``data`` in deterministic chunks.
 
     ``labels``: None = use them when the data has them (class sub-folders, a manifest's classes,
     or for ``builtin`` the photograph each crop was cut from); False = never; True = required.
-    ``builtin_size``: crops in the builtin training split (default: ``DataConfig``'s).
+    ``builtin_size``: crops in the builtin training split (default: ``DataConfig``'s). ``num_classes``: for
+    shards whose labels no manifest names (made elsewhere, or read through URLs): classes "0" .. "N-1", the
+    labels read from each sample's .cls or .json.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
@@ -116,8 +127,11 @@ def plan_inputs(source: str, data: str, *, shard_size: int = 1000, image_size: i
 
     manifests = read_manifests(shards)  # one per folder: a pattern may span several
     classes = (manifest_classes(manifests) or []) if labels is not False else []
+    if not classes and num_classes and labels is not False:
+        classes = [str(i) for i in range(num_classes)]
     if labels and not classes:
-        raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes")
+        raise ValueError(f"labels requested but the shards of {data} have no manifest listing classes "
+                         "(for shards made elsewhere give the number of classes: --num-classes N)")
     return InputPlan(source, data, [Chunk(j, shard=s) for j, s in enumerate(shards)], classes,
                      "cls" if classes else None, *_entries(data, shards))
 
@@ -171,10 +185,10 @@ def iter_chunk(plan: InputPlan, chunk: Chunk, on_bad_shard: str = "skip"
         label, skip = -1, None if ext else "not_image"
         if plan.label_from == "cls":
             try:
-                label = int(members["cls"].decode().strip())
+                label = sample_label(members)
                 if not 0 <= label < len(plan.classes):
                     skip = "bad_label"
-            except (KeyError, ValueError, UnicodeDecodeError):
+            except ValueError:
                 skip = "bad_label"
         elif plan.label_from == "builtin_photo":
             try:
@@ -192,10 +206,17 @@ def _encode(model, arrays: list, device, bf16: bool) -> np.ndarray:
     return idx.to("cpu", torch.int32).numpy().astype(np.uint16)
 
 
+# The key suffix of a horizontally flipped copy (``encode_chunk(flip=True)``).
+FLIP_SUFFIX = "_flip"
+
+
 def encode_chunk(plan: InputPlan, chunk: Chunk, model: torch.nn.Module, *, size: int, batch_size: int, device,
-                 pool: Executor, bf16: bool = False, on_bad_shard: str = "skip") -> tuple[list, Counter, Counter]:
+                 pool: Executor, bf16: bool = False, on_bad_shard: str = "skip",
+                 flip: bool = False) -> tuple[list, Counter, Counter]:
     """All samples of one chunk, decoded by ``pool``'s threads and encoded ``batch_size`` at a time:
-    ``([(key, tokens uint16 [C, h, w], label)], skipped, converted)``."""
+    ``([(key, tokens uint16 [C, h, w], label)], skipped, converted)``. ``flip``: each image is also encoded
+    mirrored left to right, as the sample ``key + "_flip"`` right after it (LlamaGen's flip augmentation of
+    pre-extracted codes; the prior then sees both as samples)."""
     samples, skipped, converted = [], Counter(), Counter()
 
     def decode(item):
@@ -222,7 +243,9 @@ def encode_chunk(plan: InputPlan, chunk: Chunk, model: torch.nn.Module, *, size:
             continue
         converted.update(conv)
         keys.append(key), arrays.append(arr), labels.append(label)
-        if len(arrays) == batch_size:
+        if flip:
+            keys.append(key + FLIP_SUFFIX), arrays.append(arr[:, ::-1]), labels.append(label)
+        if len(arrays) >= batch_size:
             flush()
     flush()
     return samples, skipped, converted

@@ -22,6 +22,9 @@ stopping on a signal. A trainer (:class:`movq.training.tokenizer.TokenizerTraine
 * ``write_weights(folder)`` (rank 0) and ``read_weights(folder)`` (every rank) — the weights of a
   checkpoint.
 * ``compute_fid()`` — optional: the FID of the model every ``train.fid_every`` steps, or None.
+
+Helpers a trainer calls: ``make_ema``, ``finite``, and ``log_images`` (rank 0: its pictures to the trackers,
+beside the PNG files). ``lr_schedules()`` says what each optimizer's LR curve depends on (checked on resume).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -41,7 +45,15 @@ from movq.config import check_config, to_dict
 from movq.models.hub import write_checkpoint_cards
 from movq.training.checkpoints import CheckpointDamaged, Checkpointer, ResumeError
 from movq.training.ema import EMA
-from movq.training.run import RunDir, RunFolderError, StepGuard, StopFlag, make_accelerator, mean_logs
+from movq.training.run import (
+    RunDir,
+    RunFolderError,
+    StepGuard,
+    StopFlag,
+    make_accelerator,
+    mean_logs,
+    schedule_settings,
+)
 from movq.utils import list_checkpoints
 
 
@@ -121,10 +133,16 @@ class TrainLoop:
             # The reference statistics are cached in the run folder unless train.fid_reference names a file.
             ref = t.fid_reference or str(self.run.root / "fid_reference.npz")
             self.fid = FIDTracker(t.inception_weights, ref, device=acc.device)
+        t.mixed_precision = acc.mixed_precision  # the launcher's choice when unset: in config.yaml and the trackers
         if t.trackers:
+            # the resolved config, logged once as the trackers start
             flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
-            # wandb would otherwise write ./wandb in the working directory; keep it in the run folder
-            init_kwargs = {"wandb": {"dir": str(self.run.root)}} if "wandb" in t.trackers else {}
+            init_kwargs = {}
+            if "wandb" in t.trackers:
+                # wandb would otherwise write ./wandb in the working directory: keep it in the run folder. A resume
+                # continues the same wandb run (its id is kept in run_dir/wandb_id); a fresh run starts a new one.
+                wandb_id = self.run.wandb_id(new=not (found and t.resume))
+                init_kwargs["wandb"] = {"dir": str(self.run.root), "id": wandb_id, "resume": "allow"}
             acc.init_trackers(t.project, config={k: str(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()},
                               init_kwargs=init_kwargs)
 
@@ -149,6 +167,10 @@ class TrainLoop:
 
     def compute_fid(self) -> Optional[float]:
         return None
+
+    def lr_schedules(self) -> dict:
+        """What each optimizer's LR curve depends on (``schedule_settings``), by optimizer."""
+        return {"lr": schedule_settings(self.cfg.train)}
 
     def _write_weights_and_cards(self, folder: Path) -> None:
         """``write_weights``, then each model folder's card gets this run's data, settings and metrics."""
@@ -177,6 +199,21 @@ class TrainLoop:
         self.acc.print(f"step {self.step}: non-finite loss or gradient, step skipped ({self.guard.in_a_row} in a row)")
         return False
 
+    def log_images(self, images: dict[str, np.ndarray]) -> None:
+        """Rank 0: pictures (uint8 [H, W, 3], e.g. what ``save_grid`` wrote) to the trackers at this step, as
+        ``wandb.Image`` and TensorBoard ``add_image`` under their names (other trackers get none)."""
+        if not images or not self.cfg.train.trackers or not self.acc.is_main_process:
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                for name, image in images.items():
+                    tracker.writer.add_image(name, image, self.step, dataformats="HWC")
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.run.log({name: wandb.Image(image) for name, image in images.items()}, step=self.step)
+
     # ------------------------------------------------------------------ checkpoints
     def _data_layout(self) -> dict:
         """What the data position of a resume (step × grad_accum batches per rank) depends on."""
@@ -185,7 +222,7 @@ class TrainLoop:
 
     def save(self) -> Path:
         state = {"step": self.step, "guard": self.guard.state_dict(), "skipped": dict(self.skipped),
-                 f"{self.unit}_seen": self.seen, "data_layout": self._data_layout()}
+                 f"{self.unit}_seen": self.seen, "data_layout": self._data_layout(), "lr_schedules": self.lr_schedules()}
         path = self.checkpointer.save(self.step, state, good=self.guard.in_a_row == 0)
         self.acc.print(f"saved checkpoint {path}")
         return path
@@ -220,6 +257,10 @@ class TrainLoop:
             changed = ", ".join(f"{k} {saved.get(k)} → {now[k]}" for k in now if saved.get(k) != now[k])
             self.acc.print(f"warning: resuming with another data layout ({changed}): the data stream goes on at "
                            f"step {self.step} of the new layout, so samples of this epoch may repeat or be missed")
+        saved, now = state.get("lr_schedules"), self.lr_schedules()
+        if saved is not None and saved != now:
+            self.acc.print(f"warning: resuming with another LR schedule ({saved} → {now}): the learning rate follows "
+                           f"the new one from step {self.step} on")
         # Resuming an older checkpoint abandons what came after it: set its checkpoints and records aside.
         for moved in self.checkpointer.set_aside_later(self.step):
             self.acc.print(f"set aside {moved} (after the resumed step {self.step})")

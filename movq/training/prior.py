@@ -2,7 +2,7 @@
 
 One optimizer step (:meth:`PriorTrainer.train_step`) is ``train.grad_accum`` micro-batches of the
 masked-token loss (:meth:`movq.models.maskgit.MaskGIT.training_loss`), then AdamW over
-:meth:`MaskGIT.param_groups` (decay on matrices only) with linear warmup. Every ``train.eval_every``
+:meth:`MaskGIT.param_groups` (decay on matrices only) with linear warmup and ``train.lr_schedule``. Every ``train.eval_every``
 steps rank 0 writes a grid of samples (decoded with the tokenizer, else token maps) and an inpainting
 example from the EMA model; every ``train.fid_every`` steps all ranks compute FID when the Inception
 weights are present. The schedule around the step is :class:`movq.training.loop.TrainLoop`, with the
@@ -46,7 +46,7 @@ from movq.generation.sampler import (
 )
 from movq.models.maskgit import MaskGIT
 from movq.training.loop import TrainLoop, mean_micro_logs
-from movq.training.run import eval_mode, warmup_lambda
+from movq.training.run import eval_mode, schedule_lambda
 from movq.utils import load_weights
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class PriorTrainer(TrainLoop):
         prior = MaskGIT(cfg.model)
         self.ema = self.make_ema(prior)
         opt = torch.optim.AdamW(prior.param_groups(t.weight_decay), lr=t.lr, betas=t.betas)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(t.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(t))
         self.model, self.optimizer, self.sched = acc.prepare(_TrainingLoss(prior), opt, sched)
         self.tokenizer = load_tokenizer_for(prior, cfg.data.tokenizer, acc.device) if cfg.data.tokenizer else None
 
@@ -189,16 +189,18 @@ class PriorTrainer(TrainLoop):
 
     @torch.no_grad()
     def write_pictures(self) -> dict[str, Path]:
-        """Rank 0: a grid of samples (one class per column cycle) and an inpainting example."""
+        """Rank 0: a grid of samples (one class per column cycle) and an inpainting example, as PNG files (their
+        paths are returned) and to the trackers."""
         model, s, dev = self._eval_model(), self.cfg.sample, self.acc.device
-        out = {}
+        out, pictures = {}, {}
         with eval_mode(model):
             if s.grid_images > 0:
                 rule = "cycle" if self.cfg.model.num_classes > 0 else "null"
                 labels = sample_labels(rule, self.cfg.model.num_classes, np.arange(s.grid_images), dev)
                 tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed)
                 out["samples"] = self.run.images / f"samples_{self.step:07d}.png"
-                save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)), out["samples"])
+                pictures["images/samples"] = save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)),
+                                                       out["samples"])
             n = min(s.inpaint_images, len(self.data))
             if n > 0:
                 first = self.data.take(slice(0, n))
@@ -210,7 +212,8 @@ class PriorTrainer(TrainLoop):
                 pics = self._pictures(torch.cat([real, filled]))
                 orig, new = pics[:n], pics[n:]
                 out["inpaint"] = self.run.images / f"inpaint_{self.step:07d}.png"
-                save_grid([orig, shade_cells(orig, known[None].cpu()), new], out["inpaint"])
+                pictures["images/inpaint"] = save_grid([orig, shade_cells(orig, known[None].cpu()), new], out["inpaint"])
+        self.log_images(pictures)
         return out
 
     @torch.no_grad()

@@ -17,7 +17,9 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -41,18 +43,43 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 
 
+def check_trackers(trackers) -> None:
+    """Accelerate silently drops a tracker whose package is missing; say so instead, naming movq's extra."""
+    import importlib.util
+
+    missing = [t for t in trackers if t in ("wandb", "tensorboard") and importlib.util.find_spec(t) is None]
+    if missing:
+        raise ModuleNotFoundError(f"train.trackers names {', '.join(missing)}, which is not installed: pip install "
+                                  f"'movq[{','.join(missing)}]'", name=missing[0])
+
+
+def resolve_mixed_precision(train_cfg) -> str:
+    """``train.mixed_precision``, or when it is unset (None) the launcher's choice: ``accelerate launch
+    --mixed_precision bf16`` and ``accelerate config`` reach the process as ACCELERATE_MIXED_PRECISION; else no."""
+    if train_cfg.mixed_precision is not None:
+        return train_cfg.mixed_precision
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
     """The trainers' Accelerator. CPU runs need ``cpu=True`` explicitly, or ranks under torchrun would
     not synchronise. The schedulers step once per optimizer step (Accelerate would otherwise step them
-    once per process, making ``train.warmup_steps`` N times shorter on N GPUs)."""
-    if train_cfg.mixed_precision == "fp16":
+    once per process, making ``train.warmup_steps`` N times shorter on N GPUs). A tracker whose package is
+    missing is an error here (Accelerate would drop it without a word)."""
+    check_trackers(train_cfg.trackers)
+    precision = resolve_mixed_precision(train_cfg)
+    if precision == "fp16":
+        where = ("train.mixed_precision=fp16" if train_cfg.mixed_precision else
+                 "fp16 (from the launcher: ACCELERATE_MIXED_PRECISION=fp16; set train.mixed_precision to override)")
         raise ValueError(
-            "train.mixed_precision=fp16 is not supported: fp16 needs a loss scaler, which skips overflowing "
+            f"{where} is not supported: fp16 needs a loss scaler, which skips overflowing "
             "steps itself, while these trainers skip and count non-finite steps (train.max_bad_steps) and the "
             "tokenizer steps two optimizers per scaler update. Use bf16 (Ampere or newer GPUs) or no")
+    if precision not in ("no", "bf16"):
+        raise ValueError(f"mixed precision {precision!r} (ACCELERATE_MIXED_PRECISION) is not one of no, bf16")
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=train_cfg.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=train_cfg.grad_accum,
         step_scheduler_with_optimizer=False,
         log_with=list(train_cfg.trackers) or None,
@@ -63,10 +90,47 @@ def make_accelerator(train_cfg, project_dir: str) -> Accelerator:
     )
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """The LR multiplier of optimizer step ``k`` (0-based, as ``LambdaLR`` counts): a linear warmup from
+    1/warmup to 1 over ``warmup_steps`` steps, then 1 (``constant``) or a ``cosine`` / ``linear`` decay from
+    1 at the end of the warmup towards ``min_ratio`` at ``total_steps`` (and ``min_ratio`` after it)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {min_ratio}")
+    span = max(1, total_steps - warmup_steps)
+
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        p = min(1.0, (k - warmup_steps) / span)  # 0 at the first step after the warmup
+        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
+        return min_ratio + (1.0 - min_ratio) * shape
+
+    return factor
+
+
+def schedule_settings(train_cfg, total_steps: Optional[int] = None) -> dict:
+    """What the LR curve of a run depends on (stored in trainer_state.json; a resume compares it)."""
+    return {"lr_schedule": train_cfg.lr_schedule, "warmup_steps": train_cfg.warmup_steps,
+            "total_steps": train_cfg.max_steps if total_steps is None else total_steps,
+            "min_lr_ratio": train_cfg.min_lr_ratio}
+
+
+def schedule_lambda(train_cfg, total_steps: Optional[int] = None) -> Callable[[int], float]:
+    """``lr_lambda`` of a ``TrainConfig`` (``total_steps``: default ``train.max_steps``)."""
+    s = schedule_settings(train_cfg, total_steps)
+    return lr_lambda(s["lr_schedule"], s["warmup_steps"], s["total_steps"], s["min_lr_ratio"])
+
+
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     """Linear LR warmup from 1/warmup to 1 over ``warmup_steps`` optimizer steps, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
+    return lr_lambda("constant", warmup_steps, warmup_steps)
 
 
 class RunFolderError(ValueError):
@@ -156,6 +220,18 @@ class RunDir:
         if self.is_main:
             save_config(cfg, self.root / "config.yaml")
 
+    def wandb_id(self, new: bool) -> Optional[str]:
+        """Rank 0: the id of this run's wandb run, kept in ``wandb_id`` so that a resumed run continues it
+        (``new``: start another, as a fresh run in this folder does). None on other ranks."""
+        if not self.is_main:
+            return None
+        path = self.root / "wandb_id"
+        if not new and path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(4)  # 8 characters, as wandb's own ids
+        atomic_write(path, run_id + "\n")
+        return run_id
+
     def log_metrics(self, step: int, kind: str, values: dict) -> None:
         """Append one JSON object per event to metrics.jsonl (``step``, ``kind`` and every term)."""
         if not self.is_main:
@@ -195,7 +271,8 @@ def collective_failure(e: BaseException) -> bool:
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and any(
-        s in text for s in ("gloo", "Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL"))
+        s in text for s in ("gloo", "Timed out waiting", "Application timeout", "pair closure", "Connection closed by peer",
+                            "Connection reset by peer", "NCCL"))
 
 
 class NonFiniteError(RuntimeError):
@@ -314,9 +391,6 @@ class StopFlag:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop, save = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
         return stop, save
-
-    def should_stop(self, device: torch.device) -> bool:
-        return self.poll(device)[0]
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

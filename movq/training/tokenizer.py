@@ -31,7 +31,7 @@ from movq.models.autoencoder import MoVQ
 from movq.models.discriminator import PatchDiscriminator
 from movq.training.loop import TrainLoop, mean_micro_logs
 from movq.training.losses import TokenizerLoss
-from movq.training.run import eval_mode, warmup_lambda
+from movq.training.run import eval_mode, schedule_lambda, schedule_settings
 from movq.utils import load_weights, save_state_dict
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,21 @@ class TokenizerTrainer(TrainLoop):
         params_g = [p for p in model.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(params_g, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         opt_d = torch.optim.Adam(disc.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup_lambda(t.warmup_steps))
-        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_lambda(t.warmup_steps))
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule_lambda(t))
+        # D steps from loss.disc_start on (its warmup starts there); its decay ends at max_steps too
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule_lambda(t, self.disc_total_steps))
         (self.model, self.disc, self.optimizer, self.opt_d, self.sched_g, self.sched_d) = acc.prepare(
             model, disc, opt_g, opt_d, sched_g, sched_d
         )
+
+    @property
+    def disc_total_steps(self) -> int:
+        """Optimizer steps of the discriminator in a run to ``train.max_steps``."""
+        return max(1, self.cfg.train.max_steps - max(0, self.cfg.loss.disc_start))
+
+    def lr_schedules(self) -> dict:
+        return {"generator": schedule_settings(self.cfg.train),
+                "discriminator": schedule_settings(self.cfg.train, self.disc_total_steps)}
 
     # ------------------------------------------------------------------ checkpoints
     def write_weights(self, folder: Path) -> None:
@@ -193,9 +203,12 @@ class TokenizerTrainer(TrainLoop):
             metrics.all_reduce_()
             results = metrics.compute()
             if acc.is_main_process:
+                pictures = {}
                 if first is not None:
-                    save_grid(first, self.run.images / f"recon_{self.step:07d}.png")
-                save_usage_chart(metrics.state["code_counts"], self.run.images / f"usage_{self.step:07d}.png")
+                    pictures["images/reconstruction"] = save_grid(first, self.run.images / f"recon_{self.step:07d}.png")
+                pictures["images/codebook_usage"] = save_usage_chart(metrics.state["code_counts"],
+                                                                     self.run.images / f"usage_{self.step:07d}.png")
+                self.log_images(pictures)
         return {f"val/{k}": v for k, v in results.items() if v is not None}
 
     @torch.no_grad()
