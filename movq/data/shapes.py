@@ -1,7 +1,7 @@
 """The shapes dataset: procedurally drawn, class-labelled images whose samples a person and a
 classifier (``movq.evaluation.judge``) can judge, packed once into train/val shards.
 
-The photo crops of ``movq.builtin_data`` look like texture, so a sample grid cannot tell a working
+The photo crops of ``movq.data.builtin`` look like texture, so a sample grid cannot tell a working
 prior from a broken one. Here every image holds one filled shape of a known kind (the class) on a
 varied background, so "is this a star?" has an answer:
 
@@ -18,7 +18,7 @@ over the background. Image i of a split comes from its own generator, seeded by 
 version, split, i): a split of n images is the first n images of a longer one, and
 :func:`render_shapes` gives the same pixels the shards hold (the judge trains on them directly).
 
-:func:`shapes_split` writes a split in the ``movq.shards`` format (PNG, ``.cls`` labels, ``.json``
+:func:`shapes_split` writes a split in the ``movq.data.shards`` format (PNG, ``.cls`` labels, ``.json``
 with what was drawn; the manifest lists the classes) under ``cache_dir()/shapes/`` keyed by a hash
 of the recipe, like the builtin dataset: equal settings give byte-identical shards, and
 ``data.source=shapes`` reads them with labels.
@@ -221,7 +221,7 @@ def shapes_split(cfg: DataConfig, split: str) -> Path:
     size, seed, shard counts); the split sizes are in the folder name, so a train split is shared
     by runs that differ only in their val size.
 
-    Atomic and safe to race, as :func:`movq.builtin_data.builtin_dataset`: each process builds in
+    Atomic and safe to race, as :func:`movq.data.builtin.builtin_dataset`: each process builds in
     its own temp folder and renames it into place; if another got there first, its (identical)
     result is kept."""
     if split not in _SPLIT_TAGS:
