@@ -8,7 +8,7 @@ accuracy and diversity of each tools/sample.py folder, next to the judge's accur
 A folder is named ``NAME=DIR`` (or just ``DIR``); its ``sampling.json`` (written by tools/sample.py) says
 which class each sample was drawn for (the label rule, the classes) and the images must be of one size,
 the size the judge is trained at. The judge (movq/evaluation/judge.py) is trained on real shapes images
-of that size on first use, about a CPU minute, and cached in ``$MOVQ_CACHE_DIR`` (default
+of that size on first use (half a CPU minute at 32²) and cached in ``$MOVQ_CACHE_DIR`` (default
 ``~/.cache/movq``) under a name that hashes its recipe; later runs load it. ``--target`` (default 0.9)
 is the issue's bar: sample accuracy at least that fraction of the accuracy on real images; the exit
 code is 0 either way (the figures are the output), 2 for bad input.
@@ -33,7 +33,7 @@ from movq.utils import atomic_write, cache_dir, output_problem
 log = logging.getLogger("judge")
 
 TARGET = 0.9  # sample accuracy ≥ 90% of the judge's accuracy on real images (issue 16)
-JUDGE_INPUT = 32  # the judge's convolutions see 32² (larger images are average-pooled down first)
+JUDGE_INPUT = 16  # the judge's convolutions see 16² (its images are average-pooled down first)
 
 
 class JudgeError(ValueError):
@@ -95,9 +95,9 @@ def judge_for(size: int, cache: Optional[str]):
     """The cached judge of images of ``size`` (trained and saved first if missing)."""
     from movq.evaluation.judge import JudgeConfig, pretrained_judge
 
-    if size % JUDGE_INPUT and size != JUDGE_INPUT:
+    if size % JUDGE_INPUT:
         raise JudgeError(f"samples of {size}² cannot be judged: the judge takes multiples of {JUDGE_INPUT} pixels")
-    cfg = JudgeConfig(image_size=size, downsample=max(1, size // JUDGE_INPUT))
+    cfg = JudgeConfig(image_size=size, downsample=size // JUDGE_INPUT)
     root = cache_dir(cache)
     root.mkdir(parents=True, exist_ok=True)
     return pretrained_judge(root, cfg)
