@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from movq.data.shapes import SHAPE_CLASSES, render_shapes
+from movq.data.shapes import _SHAPES_VERSION, SHAPE_CLASSES, render_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class JudgeConfig:
 
     def key(self) -> str:
         """A hash of everything that decides the trained weights (the cache key)."""
-        spec = {**asdict(self), "version": _JUDGE_VERSION}
+        spec = {**asdict(self), "version": _JUDGE_VERSION, "shapes_version": _SHAPES_VERSION}  # and the images
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
