@@ -387,6 +387,95 @@ class MaskGITConfig:
         return load_config(cls, source, overrides)
 
 
+# How the autoregressive prior orders the C tokens of a cell (movq.models.autoregressive).
+Factorization = Literal["flat", "cell", "depth"]
+FACTORIZATIONS = typing.get_args(Factorization)
+
+
+@dataclass
+class AutoregressiveConfig:
+    """Shape and objective of the autoregressive prior (:mod:`movq.models.autoregressive`). Defaults:
+    the GPT of taming's faces configs (24 layers, 16 heads, width 1664) on MoVQ's 16×16×4 tokens."""
+
+    codebook_size: int = 1024  # K
+    channels: int = 4  # C, tokens per cell
+    grid: Union[int, tuple[int, int]] = 16  # h = w, or (h, w): the training grid
+    num_classes: int = 1000  # 0 = unconditional; id num_classes is the null class
+    # flat: h·w·C positions; cell: h·w positions, C independent heads; depth: h·w positions plus a
+    # small transformer over a cell's C tokens (RQ-Transformer). depth had the lowest held-out NLL at
+    # equal budget (benchmarks/results/ar_factorization_cpu.json).
+    factorization: Factorization = "depth"
+    width: int = 1664
+    depth: int = 24  # spatial transformer layers
+    depth_layers: int = 2  # layers of the depth transformer (factorization=depth only)
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0  # embeddings and residual branches (taming: 0.0)
+    attn_dropout: float = 0.0  # attention probabilities (taming: 0.0)
+    class_dropout: float = 0.1  # P(label → null) in training, for guidance (DiT / Muse: 0.1)
+    label_smoothing: float = 0.0  # taming: none; bits/token in the logs are always without it
+    window: int = 0  # attention window in cells (each position sees the W cells before it); 0 = full
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        h, w = self.grid_hw
+        checks = [
+            (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
+            (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
+            (h >= 1 and w >= 1, f"grid must be positive, got {self.grid!r}"),
+            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
+            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
+            (self.depth_layers >= 1, f"depth_layers must be >= 1, got {self.depth_layers}"),
+            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
+            (self.width % self.heads == 0, f"width {self.width} must be divisible by heads {self.heads}"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
+            (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout rates must lie in [0, 1)"),
+            (0 <= self.class_dropout <= 1, f"class_dropout must lie in [0, 1], got {self.class_dropout}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
+            (self.window >= 0, f"window must be >= 0 cells (0 = full attention), got {self.window}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"AutoregressiveConfig: {msg}")
+        if self.factorization not in FACTORIZATIONS:
+            raise ValueError(
+                f"AutoregressiveConfig: factorization must be one of {list(FACTORIZATIONS)}, got {self.factorization!r}"
+            )
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        g = self.grid
+        return (g, g) if isinstance(g, int) else (int(g[0]), int(g[1]))
+
+    @property
+    def unit_tokens(self) -> int:
+        """Tokens per sequence position: 1 (flat) or C."""
+        return 1 if self.factorization == "flat" else self.channels
+
+    @property
+    def units_per_cell(self) -> int:
+        """Sequence positions per cell: C (flat) or 1."""
+        return self.channels if self.factorization == "flat" else 1
+
+    @property
+    def seq_len(self) -> int:
+        """N, the spatial transformer's sequence length."""
+        h, w = self.grid_hw
+        return h * w * self.units_per_cell
+
+    @property
+    def window_units(self) -> int:
+        """Positions (besides the class token) a position attends to: ``min(W·U, N − 1)``
+        (W = 0: N − 1, full attention)."""
+        n = self.seq_len - 1
+        return min(self.window * self.units_per_cell, n) if self.window else n
+
+    @classmethod
+    def load(cls, source=None, overrides=()) -> AutoregressiveConfig:
+        """From a YAML path / dict / instance, strictly (see :func:`movq.config.load_config`)."""
+        return load_config(cls, source, overrides)
+
+
 @dataclass
 class TokenDataConfig:
     """Where the prior's tokens come from (a folder written by ``tools/tokenize_dataset.py``)."""
@@ -412,13 +501,16 @@ class TokenDataConfig:
 
 @dataclass
 class SampleConfig:
-    """Parallel decoding settings (MaskGIT: T = 8, choice temperature 4.5) for grids and sampling."""
+    """Sampling settings for grids, FID and tools/sample.py: MaskGIT's parallel decoding (T = 8, choice
+    temperature 4.5) and the autoregressive prior's token-by-token sampling (top-k / top-p)."""
 
-    steps: int = DEFAULT_STEPS
-    temperature: float = 1.0  # token sampling temperature (0 = argmax)
-    choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # Gumbel noise on the re-masking confidence
-    cfg_scale: float = 1.0  # classifier-free guidance; 1 = the conditional model
-    cfg_schedule: Literal["constant", "linear"] = "constant"
+    steps: int = DEFAULT_STEPS  # MaskGIT: decoding steps T
+    temperature: float = 1.0  # token sampling temperature (0 = argmax); both priors
+    choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # MaskGIT: Gumbel noise on the re-masking confidence
+    cfg_scale: float = 1.0  # classifier-free guidance; 1 = the conditional model; both priors
+    cfg_schedule: Literal["constant", "linear"] = "constant"  # MaskGIT (the autoregressive prior: constant only)
+    top_k: Optional[int] = None  # autoregressive: keep the k most likely tokens (None: all)
+    top_p: Optional[float] = None  # autoregressive: keep the nucleus of probability p (None: all)
     grid_images: int = 16  # samples in the periodic grid
     inpaint_images: int = 4  # token maps of the training data in the inpainting example
 
@@ -431,14 +523,43 @@ class SampleConfig:
                  _at_least(self, "grid_images", 0), _at_least(self, "inpaint_images", 0))
 
 
+PriorKind = Literal["maskgit", "autoregressive"]
+PRIOR_KINDS = typing.get_args(PriorKind)
+# The architecture dataclass of each kind: what the ``model`` section of a prior config holds.
+PRIOR_MODEL_CONFIGS = {"maskgit": MaskGITConfig, "autoregressive": AutoregressiveConfig}
+
+
 @dataclass
 class PriorConfig:
-    """Everything a prior run needs: model / data / train / sample."""
+    """Everything a prior run needs: kind / model / data / train / sample.
 
-    model: MaskGITConfig = field(default_factory=MaskGITConfig)
+    ``kind`` chooses the prior and with it the type of ``model``: a :class:`MaskGITConfig` (the default,
+    so configs and runs from before the autoregressive prior load unchanged) or an
+    :class:`AutoregressiveConfig`. The loader reads ``kind`` first and checks the ``model`` keys against
+    that dataclass (``kind: autoregressive`` with ``model.mask_schedule`` is an unknown key)."""
+
+    kind: PriorKind = "maskgit"
+    model: Union[MaskGITConfig, AutoregressiveConfig] = field(default_factory=MaskGITConfig)
     data: TokenDataConfig = field(default_factory=TokenDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in PRIOR_KINDS:
+            raise ValueError(f"PriorConfig: kind must be one of {list(PRIOR_KINDS)}, got {self.kind!r}")
+        want = PRIOR_MODEL_CONFIGS[self.kind]
+        if not isinstance(self.model, want):
+            if self.model == MaskGITConfig():  # PriorConfig(kind="autoregressive"): the default model of that kind
+                self.model = want()
+            else:
+                raise ValueError(f"PriorConfig: kind {self.kind!r} needs model to be a {want.__name__}, "
+                                 f"got a {type(self.model).__name__}")
+
+    @staticmethod
+    def field_types(data: dict) -> dict:
+        """The ``model`` section's type follows ``kind`` (see :func:`_build`)."""
+        kind = data.get("kind", "maskgit")
+        return {"model": PRIOR_MODEL_CONFIGS[kind]} if kind in PRIOR_MODEL_CONFIGS else {}
 
 
 @dataclass
@@ -533,6 +654,10 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
 
 def _build(cls: type[T], data: dict, prefix: str, origin: str) -> T:
     hints = typing.get_type_hints(cls)
+    # A dataclass may narrow the type of a section by the section's siblings (PriorConfig: model by kind).
+    narrow = getattr(cls, "field_types", None)
+    if narrow is not None:
+        hints.update(narrow(data))
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -550,6 +675,10 @@ def _build(cls: type[T], data: dict, prefix: str, origin: str) -> T:
     except ConfigValueError as e:
         key = f"{prefix}.{e.key}" if prefix else e.key
         raise ConfigError(f"config key '{key}' in {origin}: {e.reason}") from None
+    except ValueError as e:  # a __post_init__ check: say where the values came from
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{e} (in {origin})") from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

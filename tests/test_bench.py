@@ -109,6 +109,9 @@ def test_bench_sampling_quick_keeps_the_committed_fields(tmp_path):
     methods = {(r["method"], r["steps"]) for r in report["results"]}
     assert methods == {("maskgit", 2), ("autoregressive", 16)}
     assert report["results"][0]["ratio_to_autoregressive"] > 0
+    # the real autoregressive prior at about MaskGIT's parameter count
+    assert report["prior"]["autoregressive"]["factorization"] == "depth"
+    assert 0.95 < report["prior"]["parameter_ratio"] < 1.05, report["prior"]
 
 
 def test_bench_ar_window_quick_keeps_the_committed_fields(tmp_path):

@@ -66,3 +66,26 @@ def test_output_problem(tmp_path):
     assert "is a file" in output_problem(tmp_path / "f", folder=True)
     assert "is a folder" in output_problem(tmp_path / "out")
     assert "cannot create" in output_problem(tmp_path / "f" / "below" / "x.json")  # a file in the way
+
+
+def test_main_job_configs_fit_together():
+    """tools/main_job.sh: the shapes tokenizer's latent is what both priors are built for, and the
+    files the script names exist."""
+    from pathlib import Path
+
+    from movq.config import PriorConfig
+    from movq.data.shapes import SHAPE_CLASSES
+
+    tok = load_config(TokenizerConfig, "configs/shapes.yaml")
+    assert tok.data.source == "shapes" and tok.data.image_size == tok.model.resolution
+    grid = tok.model.resolution // 2 ** (len(tok.model.channel_mult) - 1)
+    script = Path("tools/main_job.sh").read_text()
+    for name, kind in [("maskgit_shapes", "maskgit"), ("ar_shapes", "autoregressive")]:
+        assert f"configs/{name}.yaml" in script
+        prior = load_config(PriorConfig, f"configs/{name}.yaml")
+        m = prior.model
+        assert prior.kind == kind and prior.data.model_shape == "from_tokens"
+        assert (m.codebook_size, m.channels, m.grid_hw, m.num_classes) == (
+            tok.quantizer.codebook_size, tok.quantizer.channels, (grid, grid), len(SHAPE_CLASSES))
+        assert prior.data.tokens.startswith(tok.train.run_dir) and prior.train.run_dir.startswith(tok.train.run_dir)
+    assert "configs/shapes.yaml" in script and "tools/judge_samples.py" in script

@@ -267,3 +267,64 @@ def test_fid_batches_are_distinct_and_class_balanced_over_ranks():
     assert len(set(seeds)) == len(seeds)  # no two batches share noise
     counts = np.bincount(np.array(index) % classes, minlength=classes)
     assert counts.max() - counts.min() <= 1, counts  # not the same classes on every rank
+
+
+def tiny_ar_cfg(run_dir, tokens, **train) -> PriorConfig:
+    base = {
+        "kind": "autoregressive",
+        "model": {"codebook_size": 16, "channels": 2, "grid": 4, "num_classes": 3, "width": 32, "depth": 1,
+                  "depth_layers": 1, "heads": 2, "dropout": 0.1, "window": 2},
+        "data": {"tokens": str(tokens), "batch_size": 4},
+        "train": {"run_dir": str(run_dir), "max_steps": 6, "log_every": 1, "eval_every": 3, "save_every": 3,
+                  "ema_decay": 0.9, "warmup_steps": 2, "grad_accum": 2, "lr": 1e-3, **train},
+        "sample": {"grid_images": 3, "inpaint_images": 2, "cfg_scale": 2.0, "top_k": 8},
+    }
+    return load_config(PriorConfig, base)
+
+
+def test_autoregressive_prior_trains_resumes_bit_exact_and_loads_by_kind(tmp_path, data):
+    from movq.models.autoregressive import AutoregressivePrior
+
+    straight, _ = fit(tiny_ar_cfg(tmp_path / "a", data["tokens"]))
+    fit(tiny_ar_cfg(tmp_path / "b", data["tokens"], max_steps=3))
+    resumed, summary = fit(tiny_ar_cfg(tmp_path / "b", data["tokens"], resume="latest"))
+    assert summary["steps"] == 6 and isinstance(straight.prior, AutoregressivePrior)
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    for step in (4, 5, 6):
+        for key in ("loss", "bits_per_token", "accuracy", "class_dropped", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert a[1]["bits_per_token"] > 3.0  # about log2(16) = 4 at the start
+    sa, sb = straight.prior.state_dict(), resumed.prior.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ea, eb = straight.ema.model.state_dict(), resumed.ema.model.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # the checkpoint's EMA loads by the class in its config.json, with the run's sampling defaults
+    model, defaults = load_prior(tmp_path / "a")
+    assert isinstance(model, AutoregressivePrior) and model.config == straight.cfg.model and not model.training
+    assert all(torch.equal(model.state_dict()[k], ea[k]) for k in ea)
+    assert defaults.sample.top_k == 8 and defaults.tokenizer == str(data["tokenizer"])
+    assert json.loads((tmp_path / "a" / "checkpoints" / "0000006" / "ema" / "config.json").read_text())["class"] \
+        == "AutoregressivePrior"
+    with pytest.raises(ValueError, match="holds an autoregressive prior, not a MaskGIT prior"):
+        MaskGIT.from_pretrained(tmp_path / "a")
+    # pictures: a row of samples; the completion example (originals, top half kept, completed)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a" / "images" / "samples_0000006.png").size == (3 * 10 + 2, 12)
+    assert Image.open(tmp_path / "a" / "images" / "complete_0000006.png").size == (2 * 10 + 2, 3 * 10 + 2)
+    assert not list((tmp_path / "a" / "images").glob("inpaint_*"))
+
+
+def test_prior_kind_in_configs(tmp_path, data):
+    cfg = load_config(PriorConfig, ROOT / "configs" / "ar_base.yaml")
+    assert cfg.kind == "autoregressive" and cfg.model.factorization == "depth"
+    with pytest.raises(ConfigError, match="model.mask_schedule"):  # a MaskGIT key under an autoregressive kind
+        load_config(PriorConfig, {"kind": "autoregressive", "model": {"mask_schedule": "cosine"}})
+    with pytest.raises(ConfigError, match="kind"):
+        load_config(PriorConfig, {"kind": "diffusion"})
+    old = load_config(PriorConfig, {"model": {"width": 32, "heads": 2}})  # configs from before `kind`: MaskGIT
+    assert old.kind == "maskgit" and type(old.model).__name__ == "MaskGITConfig"
+    cfg = tiny_ar_cfg(tmp_path / "r", data["tokens"])
+    cfg.sample.cfg_schedule = "linear"  # a MaskGIT setting: refused before training, not at the first eval
+    with pytest.raises(ValueError, match="MaskGIT setting"):
+        fit(cfg)

@@ -144,7 +144,7 @@ def test_bad_inputs_fail_clearly(tmp_path, ckpt, capsys):
         (["--checkpoint", ckpt, "--edit", image, "--box", "0,2,2,8"], "outside the centre square"),
         (["--checkpoint", ckpt, "--tokenizer", tmp_path], "--tokenizer"),
         (["--checkpoint", ckpt, "--tokenizer", tmp_path], "is not a model folder"),
-        (["--checkpoint", ckpt.parent / "tok"], "holds a tokenizer (MoVQ), not a MaskGIT prior"),
+        (["--checkpoint", ckpt.parent / "tok"], "holds a tokenizer (MoVQ), not a prior (MaskGIT or AutoregressivePrior)"),
     ]
     for extra, message in cases:
         assert run(*extra, *base) == 2, extra
@@ -170,3 +170,113 @@ def test_warns_when_the_tokenizer_is_not_the_tokens_one(tmp_path, ckpt, capsys):
     save_sampling_defaults(tmp_path / "prior2", defaults)
     assert run("--checkpoint", tmp_path / "prior2", "--num-samples", 1, "--out", tmp_path / "s2", "--steps", 1) == 0
     assert "another tokenizer" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# The autoregressive prior, larger images, and tools/fid.py on both priors' folders
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ar_ckpt(ckpt):
+    """A random autoregressive prior of the same tokens (3 classes, 2 × 4×4, K = 16), same tokenizer."""
+    from movq.models.autoregressive import AutoregressivePrior
+
+    tok = ckpt.parent / "tok"
+    cfg = load_config(PriorConfig, {
+        "kind": "autoregressive",
+        "model": {"codebook_size": 16, "channels": 2, "grid": 4, "num_classes": 3, "width": 32, "depth": 1,
+                  "depth_layers": 1, "heads": 2},
+        "data": {"tokenizer": str(tok)},
+        "sample": {"cfg_scale": 1.5, "top_k": 12},
+    })
+    torch.manual_seed(1)
+    folder = ckpt.parent / "ar" / "checkpoints" / "0000010" / "ema"
+    AutoregressivePrior(cfg.model).save_pretrained(folder)
+    save_sampling_defaults(folder, SamplingDefaults(cfg.sample, cfg.data.tokenizer))
+    return ckpt.parent / "ar"
+
+
+def test_autoregressive_prior_samples_resumably_with_its_settings(tmp_path, ar_ckpt):
+    out = tmp_path / "s"
+    assert run("--checkpoint", ar_ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--grid",
+               "--steps-strip", "--top-p", 0.9, "--save-tokens") == 0
+    with np.load(out / "samples.npz") as f:
+        arr = f["arr_0"]
+    assert arr.shape == (5, 8, 8, 3) and (out / "grid.png").is_file()
+    info = json.loads((out / "sampling.json").read_text())
+    assert info["kind"] == "autoregressive" and info["top_k"] == 12 and info["top_p"] == 0.9
+    assert info["cfg_scale"] == 1.5 and "steps" not in info and info["grid"] == [4, 4]
+    strip = np.asarray(Image.open(out / "steps.png"))
+    assert strip.shape[0] == 2 * 10 + 2 and strip.shape[1] > 10  # 2 samples × the snapshots of the canvas
+    assert np.array_equal(strip[12:20, -10:-2], arr[1])  # the last snapshot is the written sample
+    before = (out / "000004.png").read_bytes()
+    (out / "000004.png").unlink()
+    assert run("--checkpoint", ar_ckpt, "--num-samples", 5, "--out", out, "--batch-size", 2, "--top-p", 0.9,
+               "--save-tokens") == 0
+    assert (out / "000004.png").read_bytes() == before  # the same noise: redrawn identically
+    assert json.loads((out / "sampling.json").read_text())["generated_now"] == 1
+    # one class for all samples: every token map differs from another seed's
+    assert run("--checkpoint", ar_ckpt, "--num-samples", 2, "--out", tmp_path / "c", "--class-label", 1,
+               "--seed", 4, "--cfg-scale", 1) == 0
+
+
+@pytest.mark.parametrize("which", ["maskgit", "autoregressive"])
+def test_larger_than_training_size(tmp_path, ckpt, ar_ckpt, which):
+    prior = ckpt if which == "maskgit" else ar_ckpt
+    out = tmp_path / "big"
+    assert run("--checkpoint", prior, "--num-samples", 3, "--out", out, "--batch-size", 2, "--size", 12, 16,
+               "--save-tokens", "--grid") == 0
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (3, 12, 16, 3)  # tokenizer f2: a 6×8 token grid from a 4×4 prior
+    assert np.load(out / "tokens" / "000002.npy").shape == (2, 6, 8)
+    info = json.loads((out / "sampling.json").read_text())
+    assert info["grid"] == [6, 8] and info["image_size"] == [12, 16]
+    assert info["overlap"] is None  # MaskGIT: the default, half a window; the autoregressive prior has none
+    # the same by token grid
+    assert run("--checkpoint", prior, "--num-samples", 3, "--out", tmp_path / "cells", "--batch-size", 2,
+               "--cells", 6, 8) == 0
+    assert np.array_equal(np.load(tmp_path / "cells" / "samples.npz")["arr_0"], np.load(out / "samples.npz")["arr_0"])
+    if which == "maskgit":
+        assert run("--checkpoint", prior, "--num-samples", 1, "--out", tmp_path / "ov", "--cells", 8, 8,
+                   "--overlap", 0) == 0
+        assert np.load(tmp_path / "ov" / "samples.npz")["arr_0"].shape == (1, 16, 16, 3)
+
+
+def test_flags_of_the_other_prior_and_bad_sizes_fail_clearly(tmp_path, ckpt, ar_ckpt, capsys):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(image)
+    base = ["--num-samples", 1, "--out", tmp_path / "o"]
+    cases = [
+        ([ckpt, "--top-k", 5], "--top-k do(es) not apply to a MaskGIT prior"),
+        ([ar_ckpt, "--steps", 4], "--steps do(es) not apply to an autoregressive prior"),
+        ([ar_ckpt, "--size", 16, 16, "--overlap", 2], "--overlap"),
+        ([ar_ckpt, "--edit", image, "--box", "0,0,4,4"], "cannot fill a box"),
+        ([ckpt, "--size", 4, 16], "smaller than the training grid 4×4 (8×8 pixels)"),
+        ([ckpt, "--size", 9, 16], "multiples of the tokenizer's downsampling factor 2"),
+        ([ckpt, "--cells", 8, 8, "--overlap", 4], "--overlap 4 must be less than the window"),
+        ([ckpt, "--size", 16, 16, "--steps-strip"], "--steps-strip shows the sampler at the training size"),
+    ]
+    for extra, message in cases:
+        assert run("--checkpoint", *extra, *base) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+
+
+def test_fid_on_both_priors_sample_folders(tmp_path, ckpt, ar_ckpt):
+    from movq.cli import fid as fid_tool
+    from movq.evaluation.inception import standin_state_dict
+
+    for name, prior in (("m", ckpt), ("a", ar_ckpt)):
+        assert run("--checkpoint", prior, "--num-samples", 3, "--out", tmp_path / name, "--grid") == 0
+    weights = tmp_path / "standin-inception.pth"
+    torch.save(standin_state_dict(seed=0), weights)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Inception at 299² dominates; one thread is as fast here
+    try:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        assert fid_tool.main([str(tmp_path / "m"), str(tmp_path / "a"), "--inception-weights", str(weights),
+                              "--skip-checksum", "--json", str(tmp_path / "fid.json"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "fid.json").read_text())
+    assert np.isfinite(res["fid"]) and [s["images"] for s in res["sources"]] == [3, 3]  # grid.png is not a sample

@@ -146,3 +146,67 @@ def test_judge_save_load_and_errors(judge, real, tmp_path):
         ShapeJudge.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="labels"):
         class_accuracy(judge, real[0][:4], real[1][:3])
+
+
+def test_pretrained_judge_is_cached_by_recipe(tmp_path, monkeypatch):
+    from movq.evaluation import judge as judge_mod
+
+    calls = []
+    original = judge_mod.train_judge
+
+    def counting(cfg):
+        calls.append(cfg)
+        return original(cfg)
+
+    monkeypatch.setattr(judge_mod, "train_judge", counting)
+    tiny = JudgeConfig(image_size=16, downsample=1, widths=(4, 8), train_images=64, steps=3, batch_size=8)
+    a = judge_mod.pretrained_judge(tmp_path, tiny)
+    b = judge_mod.pretrained_judge(tmp_path, tiny)  # loaded, not trained again
+    assert len(calls) == 1 and b.config == a.config
+    assert [p.name for p in tmp_path.iterdir()] == [f"judge-16px-{tiny.key()}.safetensors"]
+    other = JudgeConfig(**{**vars(tiny), "steps": 4})  # another recipe, another file
+    assert other.key() != tiny.key()
+    judge_mod.pretrained_judge(tmp_path, other)
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2
+
+
+def _sample_folder(folder, images, rule="cycle", classes=SHAPE_CLASSES, n=None):
+    """What tools/sample.py leaves: NNNNNN.png, .sample_spec.json and sampling.json."""
+    folder.mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:06d}.png")
+    (folder / ".sample_spec.json").write_text("{}")
+    info = {"num_samples": len(images) if n is None else n, "labels": rule, "num_classes": len(classes),
+            "classes": list(classes), "kind": "maskgit", "cfg_scale": 2.0}
+    (folder / "sampling.json").write_text(json.dumps(info))
+    Image.fromarray(images[0]).save(folder / "grid.png")  # not a sample
+    return folder
+
+
+def test_judge_tool_reports_real_and_sample_figures(judge, tmp_path, monkeypatch, capsys):
+    from movq.cli import judge as judge_tool
+
+    monkeypatch.setattr(judge_tool, "judge_for", lambda size, cache: judge)  # the quick judge of this module
+    x, _ = render_shapes(48, 32, split="val", start=96)  # class = index mod 8: what "cycle" intends
+    good = _sample_folder(tmp_path / "good", x)
+    wrong = _sample_folder(tmp_path / "wrong", x, rule="class 3")  # all meant to be crosses
+    out = tmp_path / "judge.json"
+    assert judge_tool.main([f"real-ish={good}", str(wrong), "--json", str(out), "--real", "64"]) == 0
+    report = json.loads(out.read_text())
+    assert report["real"]["accuracy"] > 0.85 and set(report["samples"]) == {"real-ish", "wrong"}
+    r, w = report["samples"]["real-ish"], report["samples"]["wrong"]
+    assert r["accuracy"] > 0.85 and r["num_samples"] == 48 and r["meets_target"]
+    assert w["accuracy"] < 0.3 and not w["meets_target"] and r["settings"] == {"cfg_scale": 2.0}
+    assert 0.5 < r["diversity"] < 2.0
+    printed = capsys.readouterr().out
+    assert "real images:      accuracy" in printed and "real-ish:" in printed and "misses 90%" in printed
+    bad = [
+        ([str(_sample_folder(tmp_path / "null", x[:8], rule="null"))], "no intended class"),
+        ([str(_sample_folder(tmp_path / "cls", x[:8], classes=("a", "b")))], "not the shapes dataset's"),
+        ([str(_sample_folder(tmp_path / "n", x[:8], n=9))], "8 NNNNNN.png samples but sampling.json says 9"),
+        ([str(tmp_path)], "no sampling.json"),
+    ]
+    for args, message in bad:
+        assert judge_tool.main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""Images/s of MaskGIT sampling (prior + MoVQ decoder) against an autoregressive decode with a KV cache.
+"""Images/s of MaskGIT sampling (prior + MoVQ decoder) against the autoregressive prior at equal parameter
+count (movq.models.autoregressive, KV-cached sampling of movq.generation.autoregressive).
 
     python tools/bench_sampling.py --out benchmarks/results/sampling_h100.json        # GPU, bf16
     python tools/bench_sampling.py --quick --out benchmarks/results/sampling_cpu_quick.json
 
-Full run (issue 6): the base prior of configs/maskgit_base.yaml (24 layers, width 768, 16 heads) on
-16×16×4 tokens, K = 1024, decoded to 256² by the MoVQ of configs/imagenet256.yaml, random weights
-(speed does not depend on them), class-conditional, T ∈ {8, 12}, several batch sizes, bf16 autocast.
+Full run (issues 6 and 16): the base prior of configs/maskgit_base.yaml (24 layers, width 768, 16 heads,
+177.4M parameters) on 16×16×4 tokens, K = 1024, decoded to 256² by the MoVQ of configs/imagenet256.yaml,
+against configs/ar_base.yaml (the same width and heads, 22 spatial + 2 depth-transformer layers:
+175.0M parameters, 98.7%), random weights (speed does not depend on them), class-conditional, T ∈ {8, 12},
+several batch sizes, bf16 autocast.
 
-Baseline, in the same run: a causal transformer of the same size (same width, depth, heads, MLP,
-embeddings and C output heads) that generates the same tokens one cell at a time, left to right,
-with a KV cache: h·w = 256 sequential steps, each emitting the C tokens of a cell. That is the most
-favourable autoregressive order for the baseline (a token-by-token order over h·w·C would take C
-times as many steps), so the ratio is a lower bound. Both sides include the same image decoding.
+The autoregressive prior samples token by token as it would in use: 256 spatial steps with the KV
+cache, each followed by C = 4 steps of the depth transformer over the cell's tokens (its factorization,
+chosen by tools/compare_ar.py: benchmarks/results/ar_factorization_cpu.json), with the same
+guidance scale. Both sides include the same image decoding.
 
 Reported per case: median / min seconds of one batch over ``--repeats`` timed runs after a warm-up,
 images/s, and the prior's share (decoding timed separately). The JSON names the device and the
@@ -23,6 +25,7 @@ shapes on CPU in seconds, to check the harness only (its numbers say nothing abo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -34,84 +37,18 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _bench_report import check_out, device_name, versions, write_report  # noqa: E402 (tools/ is on sys.path)
-from einops import rearrange  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from torch import Tensor  # noqa: E402
 
-from movq.config import MaskGITConfig
+from movq.config import AutoregressiveConfig, MaskGITConfig  # noqa: E402
+from movq.generation.autoregressive import sample as ar_sample  # noqa: E402
 from movq.generation.maskgit import generate  # noqa: E402
-from movq.models.maskgit import LN_EPS, MaskGIT  # noqa: E402
+from movq.models.autoregressive import AutoregressivePrior  # noqa: E402
+from movq.models.maskgit import MaskGIT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_IMAGES_PER_S = 300.0  # base config, T = 8, bf16, decoding included (issue 6)
 TARGET_RATIO = 10.0  # over the autoregressive decode at equal size
-
-
-# --------------------------------------------------------------------------------------
-# The autoregressive baseline (bench only)
-# --------------------------------------------------------------------------------------
-class CausalBlock(nn.Module):
-    """Pre-norm block as MaskGIT's, attention over the cached past only."""
-
-    def __init__(self, cfg: MaskGITConfig):
-        super().__init__()
-        d, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
-        self.heads = cfg.heads
-        self.norm1, self.norm2 = nn.LayerNorm(d, eps=LN_EPS), nn.LayerNorm(d, eps=LN_EPS)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-
-    def forward(self, x: Tensor, cache: dict, t: int, length: int) -> Tensor:
-        """x [B, 1, D] at position t; ``cache`` k/v [B, heads, length, D/heads] are filled at t
-        (allocated at t = 0 in the dtype autocast gives k and v)."""
-        q, k, v = rearrange(self.qkv(self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        if not cache:
-            cache["k"] = k.new_zeros(k.shape[0], k.shape[1], length, k.shape[3])
-            cache["v"] = torch.zeros_like(cache["k"])
-        cache["k"][:, :, t : t + 1] = k
-        cache["v"][:, :, t : t + 1] = v
-        y = F.scaled_dot_product_attention(q, cache["k"][:, :, : t + 1], cache["v"][:, :, : t + 1])  # [B, h, 1, d]
-        x = x + self.proj(rearrange(y, "b h t d -> b t (h d)"))
-        return x + self.mlp(self.norm2(x))
-
-
-class CausalPrior(nn.Module):
-    """Same size as :class:`MaskGIT`; position 0 is the class token, position i + 1 holds cell i."""
-
-    def __init__(self, cfg: MaskGITConfig):
-        super().__init__()
-        self.cfg = cfg
-        h, w = cfg.grid_hw
-        k, c = cfg.codebook_size, cfg.channels
-        self.token_emb = nn.Embedding(c * k, cfg.width)
-        self.register_buffer("channel_offset", torch.arange(c) * k, persistent=False)
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)
-        self.pos_emb = nn.Parameter(torch.randn(1, h * w, cfg.width) * 0.02)
-        self.emb_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
-        self.blocks = nn.ModuleList(CausalBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=LN_EPS)
-        self.head = nn.Linear(cfg.width, c * k)
-
-    @torch.no_grad()
-    def generate(self, labels: Tensor, generator: torch.Generator, temperature: float = 1.0) -> Tensor:
-        """Tokens ``int64 [B, C, h, w]``, one cell per step (its C tokens sampled together)."""
-        cfg = self.cfg
-        h, w = cfg.grid_hw
-        n, b = h * w, labels.shape[0]
-        caches: list[dict] = [{} for _ in self.blocks]
-        x = self.class_emb(labels)[:, None]  # [B, 1, D]
-        cells = []
-        for t in range(n):
-            x = self.emb_norm(x + self.pos_emb[:, t : t + 1])
-            for block, cache in zip(self.blocks, caches):
-                x = block(x, cache, t, n)
-            logits = self.head(self.norm(x)).float().view(b, cfg.channels, cfg.codebook_size)
-            u = torch.rand(logits.shape, generator=generator, device=generator.device).to(logits.device)
-            token = torch.argmax(logits / temperature - torch.log(-torch.log(u + 1e-20) + 1e-20), -1)  # [B, C]
-            cells.append(token)
-            x = self.token_emb(token + self.channel_offset).sum(1, keepdim=True)  # next input: this cell
-        return rearrange(torch.stack(cells, 1), "b (h w) c -> b c h w", h=h, w=w)
 
 
 # --------------------------------------------------------------------------------------
@@ -138,23 +75,34 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats
 # --------------------------------------------------------------------------------------
 # Models of the run
 # --------------------------------------------------------------------------------------
-def build(quick: bool, device: torch.device):
+def build(quick: bool, device: torch.device, ar_config: Optional[str] = None):
+    """MaskGIT, the autoregressive prior (architecture of ``ar_config``, token shape and classes of the
+    MaskGIT config) and the tokenizer, with random weights."""
     from movq.config import PriorConfig, TokenizerConfig, load_config
     from movq.models.autoencoder import MoVQ
 
     if quick:
         prior_cfg = MaskGITConfig(codebook_size=32, channels=2, grid=4, num_classes=10, width=64, depth=2,
                                   heads=4, dropout=0.0, attn_dropout=0.0)
+        ar_cfg = AutoregressiveConfig(width=64, heads=4, depth=1, depth_layers=1)  # 108k vs MaskGIT's 110k
         tok_cfg = load_config(TokenizerConfig, {
             "model": {"resolution": 16, "base_channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
                       "attn_resolutions": [], "mid_attention": False, "norm_groups": 4},
             "quantizer": {"codebook_size": 32, "channels": 2, "dim": 4}})
     else:
         prior_cfg = load_config(PriorConfig, ROOT / "configs" / "maskgit_base.yaml").model
+        ar_cfg = None
         tok_cfg = load_config(TokenizerConfig, ROOT / "configs" / "imagenet256.yaml")
+    if ar_config or ar_cfg is None:
+        ar_cfg = load_config(PriorConfig, ar_config or ROOT / "configs" / "ar_base.yaml").model
+        if not isinstance(ar_cfg, AutoregressiveConfig):
+            raise SystemExit(f"error: {ar_config} is not an autoregressive prior config (kind: autoregressive)")
+    # the same tokens and classes as the MaskGIT prior: only the architecture comes from the AR config
+    ar_cfg = dataclasses.replace(ar_cfg, codebook_size=prior_cfg.codebook_size, channels=prior_cfg.channels,
+                                 grid=prior_cfg.grid, num_classes=prior_cfg.num_classes, dropout=0.0, attn_dropout=0.0)
     torch.manual_seed(0)
     prior = MaskGIT(prior_cfg).to(device).eval()
-    ar = CausalPrior(prior_cfg).to(device).eval()
+    ar = AutoregressivePrior(ar_cfg).to(device).eval()
     tokenizer = MoVQ(tok_cfg).to(device).eval()
     return prior, ar, tokenizer
 
@@ -165,7 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default: 32 64 128 256 (quick: 2 4)")
     p.add_argument("--steps", type=int, nargs="+", default=[8, 12], help="MaskGIT decoding steps T")
-    p.add_argument("--ar-batch-sizes", type=int, nargs="+", help="baseline batch sizes (default: the same)")
+    p.add_argument("--ar-batch-sizes", type=int, nargs="+", help="autoregressive batch sizes (default: the same)")
+    p.add_argument("--ar-config", help="prior config of the autoregressive side (default configs/ar_base.yaml; "
+                   "its token shape and classes are MaskGIT's)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (≠ 1 doubles the prior's batch)")
     p.add_argument("--decode-batch", type=int, default=64, help="images per decoder call (bounds memory)")
@@ -187,7 +137,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     t_start = time.time()
-    prior, ar, tokenizer = build(args.quick, device)
+    prior, ar, tokenizer = build(args.quick, device, args.ar_config)
     cfg = prior.config
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
@@ -206,7 +156,7 @@ def main(argv=None) -> int:
     def autoregressive(b: int) -> Tensor:
         g = torch.Generator(device).manual_seed(0)
         with torch.autocast(**autocast):
-            return ar.generate(labels(b), g)
+            return ar_sample(ar, labels(b), generator=g, cfg_scale=args.cfg_scale)
 
     def case(method: str, b: int, sample: Callable[[], Tensor], steps: Optional[int] = None) -> dict:
         tokens = sample()
@@ -226,7 +176,7 @@ def main(argv=None) -> int:
         for b in batches:
             results.append(case("maskgit", b, functools.partial(maskgit, b, steps), steps))
     for b in ar_batches:
-        results.append(case("autoregressive", b, functools.partial(autoregressive, b), cfg.grid_hw[0] * cfg.grid_hw[1]))
+        results.append(case("autoregressive", b, functools.partial(autoregressive, b), ar.config.seq_len))
     ar_rate = {r["batch"]: r["images_per_s"] for r in results if r["method"] == "autoregressive"}
     for r in results:
         if r["method"] == "maskgit" and r["batch"] in ar_rate:
@@ -236,14 +186,17 @@ def main(argv=None) -> int:
     best8 = max(t8, key=lambda r: r["images_per_s"]) if t8 else None
     h, w = cfg.grid_hw
     report = {
-        "benchmark": "MaskGIT sampling vs autoregressive with a KV cache (tools/bench_sampling.py, issue 6)",
+        "benchmark": "MaskGIT sampling vs the autoregressive prior with a KV cache (tools/bench_sampling.py, issues 6, 16)",
         "device": device_name(device),
         "versions": versions(),
         "settings": {"quick": args.quick, "dtype": dtype, "cfg_scale": args.cfg_scale, "warmup": warmup,
                      "repeats": repeats, "decode_batch": args.decode_batch, "weights": "random (speed only)"},
         "prior": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.heads, "tokens": [cfg.channels, h, w],
                   "codebook_size": cfg.codebook_size, "num_classes": cfg.num_classes,
-                  "parameters": prior.num_params(), "autoregressive_parameters": sum(q.numel() for q in ar.parameters())},
+                  "parameters": prior.num_params(), "autoregressive_parameters": ar.num_params(),
+                  "autoregressive": {k: getattr(ar.config, k) for k in ("factorization", "width", "depth", "depth_layers",
+                                                                        "heads", "window")},
+                  "parameter_ratio": ar.num_params() / prior.num_params()},
         "image_size": h * tokenizer.downsample_factor,
         "results": results,
         "summary": {
@@ -254,8 +207,9 @@ def main(argv=None) -> int:
         },
         "notes": [
             "images/s = batch / median seconds of one batch: prior sampling + MoVQ decoding to images.",
-            "Autoregressive baseline: one step per latent cell (h*w steps, C tokens per step), KV cache, "
-            "same transformer size; a token-by-token order would need C times more steps.",
+            "Autoregressive: movq's AutoregressivePrior at about equal parameter count (prior.parameter_ratio), "
+            "KV-cached, one spatial step per sequence position (steps) and, for factorization depth, C depth-"
+            "transformer steps per cell; the same guidance scale.",
             "Both run eagerly (no torch.compile, no CUDA graphs).",
         ] + (["--quick: tiny shapes on CPU; the numbers check the harness, not the speed."] if args.quick else []),
         "wall_s": time.time() - t_start,

@@ -1,15 +1,18 @@
-"""Sample images from a trained MaskGIT prior (parallel decoding, then the MoVQ decoder).
+"""Sample images from a trained prior, MaskGIT (parallel decoding) or autoregressive (token by token with
+a KV cache), then decode them with the MoVQ decoder.
 
     accelerate launch tools/sample.py --checkpoint CKPT --num-samples 50000 --out samples/
-        [--steps 8] [--class-label K | --classes all] [--cfg-scale 2] [--seed 0] [--batch-size 32]
-        [--tokenizer TOK] [--grid] [--steps-strip]
-    python tools/sample.py --checkpoint runs/tiny/prior --num-samples 8 --out edits/ \\
+        [--class-label K | --classes all] [--cfg-scale 2] [--temperature 1] [--seed 0] [--batch-size 32]
+        [--steps 8] [--choice-temperature 4.5] [--cfg-schedule linear]      # MaskGIT
+        [--top-k 100] [--top-p 0.95]                                        # autoregressive
+        [--size H W | --cells H W] [--overlap N] [--tokenizer TOK] [--grid] [--steps-strip]
+    python tools/sample.py --checkpoint runs/tiny/maskgit --num-samples 8 --out edits/ \
         --edit photo.jpg --box 16,16,48,48 [--outpaint]
 
 CKPT is a run folder (newest checkpoint), a checkpoint folder (its ema/, else model/) or a model
-folder. The tokenizer defaults to the one the prior's tokens came from (its config's data.tokenizer).
-OUT/.sample_spec.json records the weights and settings: a rerun resumes only the same sampling
-(anything else is refused unless --overwrite).
+folder of either prior; which one it is comes from its config.json. The tokenizer defaults to the one
+the prior's tokens came from (its config's data.tokenizer). OUT/.sample_spec.json records the weights
+and settings: a rerun resumes only the same sampling (anything else is refused unless --overwrite).
 
 Writes ``OUT/NNNNNN.png`` (unique global indices) and ``OUT/samples.npz`` (uint8 [N, H, W, 3] under
 ``arr_0``, for tools/fid.py). Work is split as DiT's sample_ddp.py does: N is padded up to a
@@ -21,11 +24,19 @@ when sampling); edits are unconditional (the null class) unless ``--class-label`
 is given, since the image's class is unknown; classifier-free guidance then has no class to guide
 towards and is off.
 
-Editing (``--edit IMAGE --box x0,y0,x1,y1``, box in pixels of IMAGE): the image is centre-cropped to a
-square and resized to the prior's resolution, encoded, the tokens of the cells touching the box
+Larger images (``--size H W`` in pixels, multiples of the tokenizer's downsampling factor, or ``--cells
+H W`` in tokens; at least the training size): the autoregressive prior slides taming's window of the
+training grid over the larger grid (each token sees the already-sampled tokens of the window around
+it); MaskGIT decodes training-size windows one after another, ``--overlap`` cells shared with the
+windows before (default half a window), those tokens known (movq/generation/canvas.py). The
+tokenizer is convolutional, so it decodes any size.
+
+Editing (MaskGIT; ``--edit IMAGE --box x0,y0,x1,y1``, box in pixels of IMAGE): the image is centre-cropped
+to a square and resized to the prior's resolution, encoded, the tokens of the cells touching the box
 are masked (``--outpaint``: every cell not inside the box), and the prior fills them in
 ``--num-samples`` variations; ``OUT/edit.png`` shows the image, its reconstruction by the tokenizer,
-the masked reconstruction, and below them the results.
+the masked reconstruction, and below them the results. The autoregressive prior cannot fill a box
+(a token sees only the tokens before it in raster order), so it takes no ``--edit``.
 """
 from __future__ import annotations
 
@@ -67,15 +78,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run, checkpoint or model folder of a prior")
     p.add_argument("--num-samples", type=int, required=True, help="images to write")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, help="decoding steps T (default: the config's sample.steps)")
+    p.add_argument("--steps", type=int, help="MaskGIT: decoding steps T (default: the config's sample.steps)")
     cls = p.add_mutually_exclusive_group()
     cls.add_argument("--class-label", type=int, help="one class for every sample")
     cls.add_argument("--classes", choices=["all"],
                      help="cycle through all classes (the default, except with --edit: the null class)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"])
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], help="MaskGIT: guidance over the steps")
     p.add_argument("--temperature", type=float, help="token sampling temperature")
-    p.add_argument("--choice-temperature", type=float, help="Gumbel noise on the re-masking confidence")
+    p.add_argument("--choice-temperature", type=float, help="MaskGIT: Gumbel noise on the re-masking confidence")
+    p.add_argument("--top-k", type=int, help="autoregressive: sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="autoregressive: sample within the nucleus of probability p")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                      help="image size in pixels, at least the training size (default: the training size)")
+    size.add_argument("--cells", type=int, nargs=2, metavar=("H", "W"), help="the same as a token grid")
+    p.add_argument("--overlap", type=int,
+                   help="MaskGIT at --size: cells shared by neighbouring windows (default: half a window)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="samples per step per process")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the prior's data.tokenizer)")
@@ -95,6 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num-samples and --batch-size must be >= 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top-k must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top-p must lie in (0, 1]")
+    for flag in ("size", "cells"):
+        if getattr(args, flag) is not None and min(getattr(args, flag)) < 1:
+            p.error(f"--{flag} must be positive")
+    if args.overlap is not None and args.overlap < 0:
+        p.error("--overlap must be >= 0")
+    if args.edit and (args.size or args.cells):
+        p.error("--edit works at the training size: leave out --size / --cells")
     if bool(args.edit) != (args.box is not None):
         p.error("--edit and --box go together")
     if args.outpaint and not args.edit:
@@ -157,14 +187,50 @@ def _edit_source(args, tokenizer, hw: tuple[int, int], device):
     return x, tokens, known, box
 
 
-def _resolve(flag: str, path, kind: str, prefer: str = "ema"):
-    """The model folder ``path`` names, or a ``SampleError`` that names the flag."""
+def _resolve(flag: str, path, kind: Optional[str], prefer: str = "ema"):
+    """The model folder ``path`` names (``kind`` None: a prior of either kind), or a ``SampleError`` that
+    names the flag."""
+    from movq.generation.sampler import resolve_prior_dir
     from movq.models.pretrained import resolve_pretrained
 
     try:  # a local run / checkpoint / model folder, or a Hub repo id through the Hub cache
-        return resolve_pretrained(path, kind=kind, prefer=prefer)
+        return resolve_prior_dir(path, prefer) if kind is None else resolve_pretrained(path, kind=kind, prefer=prefer)
     except (OSError, ValueError) as e:
         raise SampleError(f"{flag} {path}: {e}") from None
+
+
+MASKGIT_FLAGS = ("steps", "choice_temperature", "cfg_schedule", "overlap", "edit")
+AUTOREGRESSIVE_FLAGS = ("top_k", "top_p")
+
+
+def _check_flags(args, kind: str) -> None:
+    """Flags of the other prior are an error, not silently ignored."""
+    other = AUTOREGRESSIVE_FLAGS if kind == "maskgit" else MASKGIT_FLAGS
+    given = [f"--{f.replace('_', '-')}" for f in other if getattr(args, f) not in (None, False)]
+    if given:
+        name = "a MaskGIT" if kind == "maskgit" else "an autoregressive"
+        why = " (it cannot fill a box: a token sees only the tokens before it)" if args.edit else ""
+        raise SampleError(f"{', '.join(given)} do(es) not apply to {name} prior{why}")
+
+
+def _target_grid(args, train_grid: tuple[int, int], factor: int) -> tuple[int, int]:
+    """The token grid to sample: the training grid, or what --size / --cells ask for (checked)."""
+    if args.cells:
+        grid = tuple(args.cells)
+    elif args.size:
+        if args.size[0] % factor or args.size[1] % factor:
+            raise SampleError(f"--size {args.size[0]} {args.size[1]}: both must be multiples of the tokenizer's "
+                              f"downsampling factor {factor}")
+        grid = (args.size[0] // factor, args.size[1] // factor)
+    else:
+        return train_grid
+    if grid[0] < train_grid[0] or grid[1] < train_grid[1]:
+        h, w = train_grid
+        raise SampleError(f"--size / --cells: the grid {grid[0]}×{grid[1]} is smaller than the training grid {h}×{w} "
+                          f"({h * factor}×{w * factor} pixels)")
+    if args.overlap is not None and not args.overlap < min(train_grid):
+        raise SampleError(f"--overlap {args.overlap} must be less than the window {train_grid[0]}×{train_grid[1]}")
+    return grid  # type: ignore[return-value]
 
 
 def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
@@ -194,6 +260,7 @@ def main(argv=None) -> int:
 
     from movq.data.decode import images_from_uint8, images_to_uint8
     from movq.evaluation.visualize import save_grid
+    from movq.generation.autoregressive import UNSAMPLED
     from movq.generation.maskgit import generate
     from movq.generation.sampler import (
         batch_seed,
@@ -201,18 +268,23 @@ def main(argv=None) -> int:
         load_prior,
         load_tokenizer_for,
         plan_batches,
+        prior_kind,
         rows_of,
         sample_labels,
+        sample_prior,
         shade_cells,
         tokens_to_images,
+        with_sample_overrides,
     )
     from movq.models.pretrained import WEIGHTS_NAME
 
     acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
     try:
-        prior_dir = _resolve("--checkpoint", args.checkpoint, "MaskGIT", args.model)
+        prior_dir = _resolve("--checkpoint", args.checkpoint, None, args.model)
         model, defaults = load_prior(prior_dir, map_location=str(dev))
+        kind = prior_kind(model)
+        _check_flags(args, kind)
         nc = model.num_classes
         if nc == 0 and args.class_label is not None:
             raise SampleError("--class-label given but the prior is unconditional (model.num_classes = 0)")
@@ -223,24 +295,37 @@ def main(argv=None) -> int:
             raise SampleError("no tokenizer to decode the tokens: pass --tokenizer (a MoVQ checkpoint folder)")
         tok_dir = _resolve("--tokenizer", tok_path, "MoVQ")
         tokenizer = load_tokenizer_for(model, tok_dir, dev)
+        grid = _target_grid(args, model.config.grid_hw, tokenizer.downsample_factor)
+        large = grid != model.config.grid_hw
+        if args.steps_strip and large:
+            raise SampleError("--steps-strip shows the sampler at the training size: leave out --size / --cells")
         edit = _edit_source(args, tokenizer, model.config.grid_hw, dev) if args.edit else None
     except (SampleError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = defaults.sample
-    opts = dict(steps=args.steps or s.steps, temperature=s.temperature if args.temperature is None else args.temperature,
-                choice_temperature=s.choice_temperature if args.choice_temperature is None else args.choice_temperature,
-                schedule=model.config.mask_schedule)
-    scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
     rule = _label_rule(args, nc)
     # null-class samples have nothing to guide towards: guidance is off for them (recorded as scale 1)
-    guidance = dict(cfg_scale=scale if rule != "null" else 1.0, cfg_schedule=args.cfg_schedule or s.cfg_schedule)
+    settings = with_sample_overrides(defaults.sample, steps=args.steps, temperature=args.temperature,
+                                     choice_temperature=args.choice_temperature, cfg_scale=args.cfg_scale,
+                                     cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p)
+    if rule == "null":
+        settings = with_sample_overrides(settings, cfg_scale=1.0)
+    if kind == "maskgit":
+        opts = dict(steps=settings.steps, temperature=settings.temperature,
+                    choice_temperature=settings.choice_temperature, schedule=model.config.mask_schedule)
+        guidance = dict(cfg_scale=settings.cfg_scale, cfg_schedule=settings.cfg_schedule)
+    else:
+        if settings.cfg_schedule != "constant":  # a MaskGIT setting in the prior's defaults
+            settings = with_sample_overrides(settings, cfg_schedule="constant")
+        opts = dict(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+        guidance = dict(cfg_scale=settings.cfg_scale)
+    overlap = args.overlap if large and kind == "maskgit" else None
     out = Path(args.out)
     error = None
     if acc.is_main_process:
         spec = {"prior_sha256": sha256_file(prior_dir / WEIGHTS_NAME),
                 "tokenizer_sha256": sha256_file(tok_dir / WEIGHTS_NAME), "seed": args.seed,
-                "batch_size": args.batch_size, "labels": rule,
+                "batch_size": args.batch_size, "labels": rule, "kind": kind, "grid": list(grid), "overlap": overlap,
                 "bf16": args.bf16, "save_tokens": args.save_tokens, "device": dev.type, **opts, **guidance,
                 "edit_sha256": sha256_file(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
         trained_on = defaults.tokenizer_sha256
@@ -258,10 +343,12 @@ def main(argv=None) -> int:
     def sample(index: np.ndarray, history: bool = False):
         labels = sample_labels(rule, nc, index, dev)
         g = torch.Generator(dev).manual_seed(batch_seed(args.seed, int(index[0])))
-        kw = dict(tokens=edit[1].expand(len(index), -1, -1, -1), known_mask=edit[2]) if edit else {}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
-            return generate(model, labels, num_samples=len(index), generator=g, return_history=history,
-                            **kw, **guidance, **opts)
+            if edit:
+                return generate(model, labels, num_samples=len(index), generator=g, return_history=history,
+                                tokens=edit[1].expand(len(index), -1, -1, -1), known_mask=edit[2], **guidance, **opts)
+            return sample_prior(model, labels, settings, num_samples=len(index), generator=g,
+                                grid=grid, overlap=overlap, return_history=history)
 
     def to_images(tokens: torch.Tensor) -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -309,18 +396,21 @@ def main(argv=None) -> int:
     with atomic_path(out / "samples.npz") as tmp:
         np.savez(tmp, arr_0=arrays)
     if args.grid:
-        grid = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
+        shown = images_from_uint8(torch.from_numpy(arrays[:GRID_MAX]))
         columns = grid_columns(nc if args.class_label is None else 0)  # one class per column
-        save_grid(rows_of(grid, columns), out / "grid.png")
+        save_grid(rows_of(shown, columns), out / "grid.png")
     if args.steps_strip:
         # The first batch again, with its history: the strip's rows end in 000000.png, 000001.png, ...
         _, hist = sample(plan_batches(n, 0, world, b)[0], history=True)
         rows = min(STRIP_ROWS, n, b)
-        pred, states = hist.predictions[:rows], hist.states[:rows]  # [rows, T, C, h, w]
-        frames = [to_images(pred[:, k]).cpu() for k in range(pred.shape[1])]
-        known = [(states[:, k] != model.mask_id).float().mean(1).cpu() for k in range(len(frames))]
+        states = hist.states[:rows]  # [rows, T, C, h, w]
+        if kind == "maskgit":  # step k's prediction, greyed by the share of each cell still masked after it
+            frames = [to_images(hist.predictions[:rows, k]).cpu() for k in range(states.shape[1])]
+            known = [(states[:, k] != model.mask_id).float().mean(1).cpu() for k in range(len(frames))]
+        else:  # the canvas after each k-th of the cells, cells not drawn yet in grey
+            frames = [to_images(states[:, k].clamp(min=0)).cpu() for k in range(states.shape[1])]
+            known = [(states[:, k] != UNSAMPLED).float().mean(1).cpu() for k in range(len(frames))]
         shaded = [shade_cells(fr, kn) for fr, kn in zip(frames, known)]
-        # rows: samples; columns: step k's prediction, greyed by the share of each cell still masked after it
         save_grid([torch.stack([sh[r] for sh in shaded]) for r in range(rows)], out / "steps.png")
     if edit is not None:
         x, tokens, known, _ = edit
@@ -332,8 +422,10 @@ def main(argv=None) -> int:
         np.savez(out / "edit_source.npz", tokens=tokens[0].cpu().numpy().astype(np.uint16), known=known.cpu().numpy())
     info = {"num_samples": n, "generated_now": made_all, "seconds": seconds, "processes": world,
             "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
-            "checkpoint": str(args.checkpoint), "tokenizer": str(tok_path), "seed": args.seed, **opts, **guidance,
-            "labels": rule, "edit": args.edit, "box": args.box, "outpaint": args.outpaint}
+            "checkpoint": str(args.checkpoint), "kind": kind, "tokenizer": str(tok_path), "seed": args.seed,
+            "grid": list(grid), "image_size": list(arrays.shape[1:3]), "overlap": overlap, **opts, **guidance,
+            "labels": rule, "num_classes": nc, "classes": defaults.classes, "edit": args.edit, "box": args.box,
+            "outpaint": args.outpaint}
     atomic_write(out / "sampling.json", json.dumps(info, indent=1))
     rate = f"{made_all / seconds:.1f} images/s" if made_all and seconds > 0 else "nothing new to sample"
     print(f"{n} samples in {out} (samples.npz: {arrays.shape}); {made_all} generated in {seconds:.1f} s, {rate}")

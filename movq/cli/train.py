@@ -1,5 +1,5 @@
 """The training tools: ``movq-train`` / tools/train_tokenizer.py (the tokenizer) and ``movq-train-prior`` /
-tools/train_prior.py (the MaskGIT prior), with the command line, exit codes and summary they share."""
+tools/train_prior.py (a MaskGIT or autoregressive prior), with the command line, exit codes and summary they share."""
 from __future__ import annotations
 
 import argparse
@@ -122,16 +122,18 @@ TOKENIZER_USAGE = """Train a MoVQ tokenizer (``movq-train``, ``tools/train_token
 Overrides use the config's dotted keys, e.g. ``train.run_dir=runs/x train.resume=latest``.
 """
 
-PRIOR_USAGE = """Train a MaskGIT prior on token shards made by tools/tokenize_dataset.py (``movq-train-prior``,
-``tools/train_prior.py``).
+PRIOR_USAGE = """Train a prior, MaskGIT or autoregressive (the config's ``kind``), on token shards made by
+tools/tokenize_dataset.py (``movq-train-prior``, ``tools/train_prior.py``).
 
     accelerate launch tools/train_prior.py --config configs/maskgit_base.yaml [key.sub=value ...]
+    accelerate launch tools/train_prior.py --config configs/ar_base.yaml [key.sub=value ...]
     python tools/train_prior.py --config configs/maskgit_tiny.yaml train.max_steps=100
-    torchrun --nproc_per_node 2 tools/train_prior.py --config configs/maskgit_tiny.yaml
+    torchrun --nproc_per_node 2 tools/train_prior.py --config configs/ar_tiny.yaml
 
 Overrides use the config's dotted keys, e.g. ``data.tokens=runs/x/tokens train.resume=latest``.
-The run folder gets config.yaml, metrics.jsonl, images/ (sample grids and inpainting examples) and
-checkpoints/NNNNNNN/{model,ema}/ (``MaskGIT.from_pretrained``, or tools/sample.py --checkpoint RUN).
+The run folder gets config.yaml, metrics.jsonl, images/ (sample grids; MaskGIT: inpainting examples,
+autoregressive: completions of the bottom half) and checkpoints/NNNNNNN/{model,ema}/ (``load_prior``,
+or tools/sample.py --checkpoint RUN).
 """
 
 
@@ -158,7 +160,7 @@ def main_tokenizer(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main_prior(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_train_args(argv, PRIOR_USAGE, "YAML config (configs/maskgit_*.yaml)")
+    args = parse_train_args(argv, PRIOR_USAGE, "YAML config (configs/maskgit_*.yaml, configs/ar_*.yaml)")
 
     from movq.config import PriorConfig
     from movq.training.prior import PriorTrainer
@@ -169,13 +171,14 @@ def main_prior(argv: Optional[Sequence[str]] = None) -> int:
     if trainer.acc.is_main_process:
         ev, m = summary["eval"], trainer.cfg.model
         kind = f"{m.num_classes} classes" if m.num_classes else "unconditional"
+        edit = ("completion", "complete") if trainer.cfg.kind == "autoregressive" else ("inpainting", "inpaint")
         body = [
-            f" prior: {trainer.prior.num_params() / 1e6:.2f}M parameters, {m.channels}×{m.grid_hw[0]}×{m.grid_hw[1]}"
-            f" tokens, K={m.codebook_size}, {kind}",
+            f" {trainer.cfg.kind} prior: {trainer.prior.num_params() / 1e6:.2f}M parameters, "
+            f"{m.channels}×{m.grid_hw[0]}×{m.grid_hw[1]} tokens, K={m.codebook_size}, {kind}",
             f" FID {ev['fid']:.2f}" if "fid" in ev else " FID: not computed (needs train.fid_every, Inception weights, a tokenizer)",
             f" non-finite steps skipped: {summary['bad_steps']}",
             f" samples:      {ev.get('samples', '-')}",
-            f" inpainting:   {ev.get('inpaint', '-')}",
+            f" {edit[0] + ':':<13} {ev.get(edit[1], '-')}",
         ]
         print(summary_banner(summary, trainer.acc, body, f"tools/sample.py --checkpoint {summary['run_dir']}"))
     return code  # 0, or 128 + the signal that stopped the run early

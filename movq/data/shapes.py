@@ -1,24 +1,27 @@
 """The shapes dataset: procedurally drawn, class-labelled images whose samples a person and a
 classifier (``movq.evaluation.judge``) can judge, packed once into train/val shards.
 
-The photo crops of ``movq.builtin_data`` look like texture, so a sample grid cannot tell a working
+The photo crops of ``movq.data.builtin`` look like texture, so a sample grid cannot tell a working
 prior from a broken one. Here every image holds one filled shape of a known kind (the class) on a
 varied background, so "is this a star?" has an answer:
 
 * classes (``SHAPE_CLASSES``): circle, square, triangle, cross, ring, star, crescent, heart;
   image i of a split has class ``i % 8`` (balanced splits);
 * the shape: a random hue at high saturation, kept far (in RGB) from the background; a size of
-  22–40% of the image side as its outer radius; a random position fully inside the image; a random
+  28–42% of the image side as its outer radius; a random position fully inside the image; a random
   rotation (a heart stays within ±25° of upright, so it does not turn into another outline);
-* the background: a linear or radial gradient between two muted colours, smooth value noise, or
-  soft stripes at a random angle and frequency.
+* the background: a linear or radial gradient between two muted colours (the second pulled halfway
+  to the first), smooth value noise, or soft stripes (period 20–40% of the side) at a random angle.
+  Recipe 2 (bigger shapes, half the background contrast, wider stripes than recipe 1) keeps the shape
+  the dominant structure at 32², where a small tokenizer trained for minutes blurred recipe 1's
+  smallest shapes past recognition.
 
 Shapes are drawn as a mask at 4× the size and box-downsampled (anti-aliased edges), then blended
 over the background. Image i of a split comes from its own generator, seeded by (seed, recipe
 version, split, i): a split of n images is the first n images of a longer one, and
 :func:`render_shapes` gives the same pixels the shards hold (the judge trains on them directly).
 
-:func:`shapes_split` writes a split in the ``movq.shards`` format (PNG, ``.cls`` labels, ``.json``
+:func:`shapes_split` writes a split in the ``movq.data.shards`` format (PNG, ``.cls`` labels, ``.json``
 with what was drawn; the manifest lists the classes) under ``cache_dir()/shapes/`` keyed by a hash
 of the recipe, like the builtin dataset: equal settings give byte-identical shards, and
 ``data.source=shapes`` reads them with labels.
@@ -45,13 +48,14 @@ from movq.utils import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SHAPES_VERSION = 1  # part of the cache key and of every image's seed: bump it when the recipe changes
+_SHAPES_VERSION = 2  # part of the cache key and of every image's seed: bump it when the recipe changes
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent", "heart")
 BACKGROUNDS = ("linear", "radial", "noise", "stripes")
 _SPLIT_TAGS = {"train": 0, "val": 1}  # a split's images come from generators of their own
 _SHARDS = {"train": 8, "val": 4}  # as the builtin dataset: 2 ranks × 2 workers each get shards
 _SUPERSAMPLE = 4  # the mask is drawn at 4× and box-downsampled: 16 samples per pixel
-_RADIUS = (0.22, 0.40)  # outer radius as a fraction of the image side
+_RADIUS = (0.28, 0.42)  # outer radius as a fraction of the image side (v1: 0.22-0.40, too small at 32²)
+_BACKGROUND_CONTRAST = 0.5  # the second background colour is pulled halfway to the first (v1: 1)
 _MIN_COLOUR_DISTANCE = 110.0  # RGB distance of the shape from the mean background colour
 _HEART_TILT = math.radians(25)
 
@@ -137,6 +141,7 @@ def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     a = _hsv(rng.uniform(), rng.uniform(0.0, 0.45), rng.uniform(0.25, 0.9))  # muted colours
     b = _hsv(rng.uniform(), rng.uniform(0.0, 0.45), rng.uniform(0.25, 0.9))
+    b = a + _BACKGROUND_CONTRAST * (b - a)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     if kind == "linear":
         t = rng.uniform(0, 2 * math.pi)
@@ -152,7 +157,7 @@ def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         w = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC),
                        dtype=np.float32) / 255.0
     else:  # stripes
-        t, period = rng.uniform(0, math.pi), rng.uniform(0.12, 0.35)
+        t, period = rng.uniform(0, math.pi), rng.uniform(0.2, 0.4)
         u = math.cos(t) * xx + math.sin(t) * yy
         w = 0.5 + 0.5 * np.sin(2 * math.pi * u / period)
     img = a + w[..., None] * (b - a)
@@ -221,7 +226,7 @@ def shapes_split(cfg: DataConfig, split: str) -> Path:
     size, seed, shard counts); the split sizes are in the folder name, so a train split is shared
     by runs that differ only in their val size.
 
-    Atomic and safe to race, as :func:`movq.builtin_data.builtin_dataset`: each process builds in
+    Atomic and safe to race, as :func:`movq.data.builtin.builtin_dataset`: each process builds in
     its own temp folder and renames it into place; if another got there first, its (identical)
     result is kept."""
     if split not in _SPLIT_TAGS:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from movq.models.masking import random_uniform
 
-# Keeps log(−log(u)) finite: u is drawn in [0, 1), and u = 0 would give −inf (as movq.sampling).
+# Keeps log(−log(u)) finite: u is drawn in [0, 1), and u = 0 would give −inf (as movq.generation.maskgit).
 _UNIFORM_EPS = 1e-20
 # Snapshots of the token grid kept by return_history (evenly spaced over the cells).
 DEFAULT_HISTORY_STEPS = 8
@@ -172,6 +172,8 @@ def sample(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     cfg_scale: float = 1.0,
+    prompt: Optional[Tensor] = None,
+    prompt_cells: int = 0,
     return_history: bool = False,
     history_steps: int = DEFAULT_HISTORY_STEPS,
 ) -> Union[Tensor, tuple[Tensor, SampleHistory]]:
@@ -186,6 +188,9 @@ def sample(
         temperature: divides the logits (0 = argmax). top_k / top_p: keep only the k most likely
             tokens / the nucleus of probability p (None: off).
         cfg_scale: classifier-free guidance (1 = the conditional model).
+        prompt, prompt_cells: completion: the first ``prompt_cells`` cells in raster order are taken
+            from ``prompt int [B, C, h, w]`` (read in one prefix pass) and the rest is sampled after
+            them, e.g. ``prompt_cells = (h // 2) · w`` completes the bottom half of an image.
         return_history: also return a :class:`SampleHistory` of ``history_steps`` snapshots.
     """
     cfg = model.config
@@ -197,10 +202,20 @@ def sample(
     units = torch.zeros(n, cfg.seq_len, u, dtype=torch.long, device=device)
     logps = torch.zeros(n, cfg.seq_len, u, device=device)
     keep, states = _snapshots(h * w, history_steps) if return_history else set(), []
-    prev = None
-    for s in range(cfg.seq_len):
-        x = model.embed_step(s, run_labels, prev)
-        hidden = model.step(x, s, cache)
+    start = _prompt_units(model, prompt, prompt_cells, n)
+    prev, hidden = None, None
+    if start:
+        units[:, :start] = model.to_units(prompt.to(device).long())[:, :start]
+        given = units[:, :start] if run_labels.shape[0] == n else torch.cat([units[:, :start]] * 2)
+        hidden = model.prefill(model.sequence_inputs(run_labels, given), cache)[:, -1]  # position `start`
+        for _ in sorted(k for k in keep if k <= prompt_cells):  # snapshots inside the prompt: the prompt
+            state = torch.full_like(units, UNSAMPLED)
+            state[:, :start] = units[:, :start]
+            states.append(model.from_units(state, h, w))
+    for s in range(start, cfg.seq_len):
+        if s > start or not start:
+            x = model.embed_step(s, run_labels, prev)
+            hidden = model.step(x, s, cache)
         units[:, s], logps[:, s] = _emit(model, hidden, n, cfg_scale, generator, sampling)
         prev = torch.cat([units[:, s], units[:, s]]) if run_labels.shape[0] != n else units[:, s]
         cells_done = (s + 1) // cfg.units_per_cell
@@ -212,6 +227,25 @@ def sample(
     if return_history:
         return tokens, SampleHistory(torch.stack(states, 1), model.from_units(logps, h, w))
     return tokens
+
+
+def _prompt_units(model, prompt: Optional[Tensor], prompt_cells: int, n: int) -> int:
+    """The number of sequence units a completion prompt fixes (checked)."""
+    cfg = model.config
+    h, w = cfg.grid_hw
+    if prompt is None:
+        if prompt_cells:
+            raise ValueError(f"prompt_cells={prompt_cells} needs a prompt [B, C, h, w]")
+        return 0
+    if not 0 <= prompt_cells < h * w:
+        raise ValueError(f"prompt_cells must lie in [0, {h * w - 1}] (a grid of {h}×{w} cells), got {prompt_cells}")
+    if tuple(prompt.shape) != (n, cfg.channels, h, w) or prompt.dtype.is_floating_point:
+        raise ValueError(f"prompt must be integer tokens of shape {(n, cfg.channels, h, w)}, got "
+                         f"{prompt.dtype} {tuple(prompt.shape)}")
+    head = prompt.reshape(n, cfg.channels, -1)[..., :prompt_cells]
+    if head.numel() and (head.min() < 0 or head.max() >= cfg.codebook_size):
+        raise ValueError(f"prompt tokens must lie in [0, {cfg.codebook_size - 1}]")
+    return prompt_cells * cfg.units_per_cell
 
 
 # --------------------------------------------------------------------------------------

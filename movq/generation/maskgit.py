@@ -239,7 +239,7 @@ def generate(
     cfg_schedule: str = "constant",
     **decode_kwargs,
 ) -> Union[Tensor, tuple[Tensor, DecodeHistory]]:
-    """Sample (or inpaint / outpaint) tokens with a :class:`movq.maskgit.MaskGIT`.
+    """Sample (or inpaint / outpaint) tokens with a :class:`movq.models.maskgit.MaskGIT`.
 
     Without ``tokens`` it starts from all-[MASK] of the model's shape, ``B`` taken from
     ``labels`` or ``num_samples``. Put the model in ``eval()`` first (dropout). Extra keyword

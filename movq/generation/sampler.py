@@ -1,6 +1,8 @@
-"""From a trained prior to images: the prior with its sampling defaults and tokenizer, the one rule that
-gives every sample its global index, seed and label (shared by tools/sample.py and the trainers' FID),
-tokens decoded to images, and pictures of partly masked token maps.
+"""From a trained prior to images: the prior (MaskGIT or autoregressive, by the class in its
+``config.json``) with its sampling defaults and tokenizer, one call that samples either kind at the
+training grid or larger (:func:`sample_prior`), the one rule that gives every sample its global index,
+seed and label (shared by tools/sample.py and the trainers' FID), tokens decoded to images, and
+pictures of partly masked token maps.
 
 The index rule is DiT's ``sample_ddp.py``: N samples are drawn in iterations of a global batch
 (batch × processes); rank r draws indices ``i·B·W + r·B + [0, B)`` in iteration i, and indices ≥ N are
@@ -17,7 +19,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -25,10 +27,19 @@ import yaml
 from torch import Tensor, nn
 
 from movq.config import PriorConfig, SampleConfig, load_config, to_dict
+from movq.generation import autoregressive as ar_sampling
+from movq.generation.canvas import generate_canvas
+from movq.generation.maskgit import generate
 from movq.models.autoencoder import MoVQ
+from movq.models.autoregressive import AutoregressivePrior
 from movq.models.maskgit import MaskGIT
-from movq.models.pretrained import LEGACY_CONFIG_NAME, resolve_pretrained
+from movq.models.pretrained import LEGACY_CONFIG_NAME, read_model_config, resolve_pretrained
 from movq.utils import PathLike, atomic_write
+
+Prior = Union[MaskGIT, AutoregressivePrior]
+# The class name in a model folder's config.json → the prior's class and its PriorConfig.kind.
+PRIOR_CLASSES = {"MaskGIT": MaskGIT, "AutoregressivePrior": AutoregressivePrior}
+PRIOR_KIND_OF_CLASS = {"MaskGIT": "maskgit", "AutoregressivePrior": "autoregressive"}
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 GRID_COLUMNS = 8
@@ -65,14 +76,79 @@ def load_sampling_defaults(folder: PathLike) -> SamplingDefaults:
     return SamplingDefaults()
 
 
-def load_prior(path: PathLike, map_location: str = "cpu", prefer: str = "ema") -> tuple[MaskGIT, SamplingDefaults]:
-    """``(MaskGIT in eval mode, its sampling defaults)`` from a model, checkpoint or run folder, or a Hub
-    repo id (through the Hub cache)."""
-    folder = resolve_pretrained(path, kind="MaskGIT", prefer=prefer)
-    return MaskGIT.from_pretrained(folder, map_location), load_sampling_defaults(folder)
+def prior_kind(model: nn.Module) -> str:
+    """``"maskgit"`` or ``"autoregressive"`` (``PriorConfig.kind``) of a prior."""
+    try:
+        return PRIOR_KIND_OF_CLASS[type(model).__name__]
+    except KeyError:
+        raise ValueError(f"{type(model).__name__} is not a prior (MaskGIT or AutoregressivePrior)") from None
 
 
-def load_tokenizer_for(prior: MaskGIT, path: PathLike, device) -> MoVQ:
+def resolve_prior_dir(path: PathLike, prefer: str = "ema") -> Path:
+    """The model folder of a prior (either kind) that ``path`` names: a model, checkpoint or run folder.
+    A folder of another model (a tokenizer) is a ``ValueError`` that says what it holds. A Hub repo id is
+    read through the Hub cache."""
+    folder = resolve_pretrained(path, prefer=prefer)
+    found, _ = read_model_config(folder)
+    if found not in PRIOR_CLASSES:
+        what = "a tokenizer (MoVQ)" if found == "MoVQ" else f"a {found}"
+        raise ValueError(f"{folder} holds {what}, not a prior (MaskGIT or AutoregressivePrior)")
+    return folder
+
+
+def load_prior(path: PathLike, map_location: str = "cpu", prefer: str = "ema") -> tuple[Prior, SamplingDefaults]:
+    """``(prior in eval mode, its sampling defaults)`` from a model, checkpoint or run folder: a
+    :class:`MaskGIT` or an :class:`AutoregressivePrior`, by the class its ``config.json`` names (folders
+    from before format 1 hold MaskGIT priors)."""
+    folder = resolve_prior_dir(path, prefer)
+    kind, _ = read_model_config(folder)
+    return PRIOR_CLASSES[kind].from_pretrained(folder, map_location), load_sampling_defaults(folder)
+
+
+@torch.no_grad()
+def sample_prior(
+    model: Prior,
+    labels: Optional[Tensor],
+    settings: SampleConfig,
+    *,
+    num_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    grid: Optional[tuple[int, int]] = None,
+    overlap: Optional[int] = None,
+    return_history: bool = False,
+):
+    """Sample tokens ``int64 [B, C, H, W]`` from either prior with ``settings`` (a :class:`SampleConfig`).
+
+    ``grid`` (default: the training grid) may be larger than the training grid: MaskGIT then decodes
+    training-size windows with ``overlap`` cells in common (:func:`movq.generation.canvas.generate_canvas`),
+    the autoregressive prior slides taming's window (:func:`movq.generation.autoregressive.sample_large`).
+    With ``return_history`` the history of the training-grid samplers comes back too
+    (:class:`movq.generation.maskgit.DecodeHistory` / :class:`movq.generation.autoregressive.SampleHistory`).
+    """
+    kind, s = prior_kind(model), settings
+    train_grid = model.config.grid_hw
+    grid = train_grid if grid is None else (int(grid[0]), int(grid[1]))
+    large = grid != train_grid
+    if large and return_history:
+        raise ValueError("return_history is only available at the training grid")
+    if kind == "maskgit":
+        kw = dict(num_samples=num_samples, generator=generator, steps=s.steps, temperature=s.temperature,
+                  choice_temperature=s.choice_temperature, cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
+                  schedule=model.config.mask_schedule)
+        if large:
+            return generate_canvas(model, grid, labels, overlap=overlap, **kw)
+        return generate(model, labels, return_history=return_history, **kw)
+    if s.cfg_schedule != "constant":
+        raise ValueError(f"cfg_schedule {s.cfg_schedule!r} is a MaskGIT setting: the autoregressive prior guides "
+                         "every token with the same scale (set sample.cfg_schedule=constant)")
+    kw = dict(num_samples=num_samples, generator=generator, temperature=s.temperature, top_k=s.top_k,
+              top_p=s.top_p, cfg_scale=s.cfg_scale)
+    if large:
+        return ar_sampling.sample_large(model, grid, labels, **kw)
+    return ar_sampling.sample(model, labels, return_history=return_history, **kw)
+
+
+def load_tokenizer_for(prior: Prior, path: PathLike, device) -> MoVQ:
     """The tokenizer that decodes ``prior``'s tokens (a model, checkpoint or run folder), checked to have the
     prior's codebook size and channels."""
     tok = MoVQ.from_pretrained(path).to(device)

@@ -15,7 +15,7 @@ Tokens are ``int64 [B, C, h, w]``: C quantizer channels on an h×w grid (MoVQ, Z
   0…C−1 (h·w·C positions); the input of a position is the previous token (per-channel embedding
   table), its position embedding = cell embedding + channel embedding; one head of K logits.
 * ``cell``: one position per cell (h·w positions); the input is the sum of the previous cell's C
-  channel embeddings (as in :mod:`movq.maskgit`); C heads predict the cell's C tokens
+  channel embeddings (as in :mod:`movq.models.maskgit`); C heads predict the cell's C tokens
   independently given the earlier cells (fast, but blind to dependence inside a cell).
 * ``depth``: the ``cell`` spatial transformer, then per cell a causal depth transformer over its C
   channels (RQ-Transformer): input 0 is the spatial output, input c the embedding of token c−1;
@@ -32,8 +32,7 @@ slot plus a ring of W·U slots, so sampling costs O(W) time and memory per token
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -42,94 +41,13 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from movq.config import load_config
+from movq.config import FACTORIZATIONS, AutoregressiveConfig
 from movq.models.masking import random_uniform
+from movq.models.pretrained import PretrainedModel
 
-FACTORIZATIONS = ("flat", "cell", "depth")
 # GPT-2 / nanoGPT initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers).
 INIT_STD = 0.02
 LN_EPS = 1e-5  # nanoGPT / GPT-2
-
-
-@dataclass
-class AutoregressiveConfig:
-    """Shape and objective of the prior. Defaults: the GPT of taming's faces configs (24 layers, 16
-    heads, width 1664) on MoVQ's 16×16×4 tokens."""
-
-    codebook_size: int = 1024  # K
-    channels: int = 4  # C, tokens per cell
-    grid: Union[int, tuple[int, int]] = 16  # h = w, or (h, w): the training grid
-    num_classes: int = 1000  # 0 = unconditional; id num_classes is the null class
-    factorization: Literal["flat", "cell", "depth"] = "depth"
-    width: int = 1664
-    depth: int = 24  # spatial transformer layers
-    depth_layers: int = 2  # layers of the depth transformer (factorization=depth only)
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0  # embeddings and residual branches (taming: 0.0)
-    attn_dropout: float = 0.0  # attention probabilities (taming: 0.0)
-    class_dropout: float = 0.1  # P(label → null) in training, for guidance (DiT / Muse: 0.1)
-    label_smoothing: float = 0.0  # taming: none; bits/token in the logs are always without it
-    window: int = 0  # attention window in cells (each position sees the W cells before it); 0 = full
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        h, w = self.grid_hw
-        checks = [
-            (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
-            (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
-            (h >= 1 and w >= 1, f"grid must be positive, got {self.grid!r}"),
-            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
-            (self.depth_layers >= 1, f"depth_layers must be >= 1, got {self.depth_layers}"),
-            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
-            (self.width % self.heads == 0, f"width {self.width} must be divisible by heads {self.heads}"),
-            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
-            (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout rates must lie in [0, 1)"),
-            (0 <= self.class_dropout <= 1, f"class_dropout must lie in [0, 1], got {self.class_dropout}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
-            (self.window >= 0, f"window must be >= 0 cells (0 = full attention), got {self.window}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"AutoregressiveConfig: {msg}")
-        if self.factorization not in FACTORIZATIONS:
-            raise ValueError(
-                f"AutoregressiveConfig: factorization must be one of {list(FACTORIZATIONS)}, got {self.factorization!r}"
-            )
-
-    @property
-    def grid_hw(self) -> tuple[int, int]:
-        g = self.grid
-        return (g, g) if isinstance(g, int) else (int(g[0]), int(g[1]))
-
-    @property
-    def unit_tokens(self) -> int:
-        """Tokens per sequence position: 1 (flat) or C."""
-        return 1 if self.factorization == "flat" else self.channels
-
-    @property
-    def units_per_cell(self) -> int:
-        """Sequence positions per cell: C (flat) or 1."""
-        return self.channels if self.factorization == "flat" else 1
-
-    @property
-    def seq_len(self) -> int:
-        """N, the spatial transformer's sequence length."""
-        h, w = self.grid_hw
-        return h * w * self.units_per_cell
-
-    @property
-    def window_units(self) -> int:
-        """Positions (besides the class token) a position attends to: ``min(W·U, N − 1)``
-        (W = 0: N − 1, full attention)."""
-        n = self.seq_len - 1
-        return min(self.window * self.units_per_cell, n) if self.window else n
-
-    @classmethod
-    def load(cls, source=None, overrides=()) -> AutoregressiveConfig:
-        """From a YAML path / dict / instance, strictly (see :func:`movq.config.load_config`)."""
-        return load_config(cls, source, overrides)
 
 
 def window_mask(length: int, window_units: int, device=None) -> Tensor:
@@ -233,11 +151,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class AutoregressivePrior(nn.Module):
+class AutoregressivePrior(PretrainedModel):
     """The prior: ``forward(tokens [B, C, h, w], labels [B]) -> logits [B, C, h, w, K]`` (teacher
     forced: the logits of every token given the tokens before it), plus the incremental pieces
     :mod:`movq.generation.autoregressive` samples with (:meth:`embed_step`, :meth:`step`,
     :meth:`prefill`, :meth:`token_logits`)."""
+
+    config_class = AutoregressiveConfig
 
     def __init__(self, config: Union[AutoregressiveConfig, dict, str, None] = None):
         super().__init__()
@@ -245,7 +165,7 @@ class AutoregressivePrior(nn.Module):
         self.config = cfg
         h, w = cfg.grid_hw
         k, c, d = cfg.codebook_size, cfg.channels, cfg.width
-        # One table of C·K rows: rows c·K … c·K+K−1 embed channel c's codes (see movq.maskgit on why
+        # One table of C·K rows: rows c·K … c·K+K−1 embed channel c's codes (see movq.models.maskgit on why
         # per channel); shared by the spatial input and the depth transformer.
         self.token_emb = nn.Embedding(c * k, d)
         self.register_buffer("channel_offset", torch.arange(c) * k, persistent=False)
@@ -384,8 +304,13 @@ class AutoregressivePrior(nn.Module):
         return self.norm(x)
 
     def new_cache(self, batch: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty cache; its dtype is autocast's where autocast is on (keys and values come out of the
+        projections in that dtype), else the weights'."""
         cfg = self.config
-        dtype = dtype or next(self.parameters()).dtype
+        if dtype is None:
+            kind = torch.device(device).type
+            on = torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if on else next(self.parameters()).dtype
         return KVCache(cfg.depth, batch, cfg.heads, cfg.width // cfg.heads, cfg.window_units, device, dtype)
 
     def embed_step(self, pos: int, labels: Tensor, prev: Optional[Tensor]) -> Tensor:

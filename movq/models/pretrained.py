@@ -113,7 +113,8 @@ def resolve_model_dir(path: PathLike, kind: Optional[str] = None, prefer: str = 
     if kind is not None:
         found_kind, _ = read_model_config(folder)
         if found_kind != kind:
-            name = {"MoVQ": "a tokenizer (MoVQ)", "MaskGIT": "a MaskGIT prior"}
+            name = {"MoVQ": "a tokenizer (MoVQ)", "MaskGIT": "a MaskGIT prior",
+                    "AutoregressivePrior": "an autoregressive prior"}
             raise ValueError(f"{folder} holds {name.get(found_kind, f'a {found_kind}')}, not {name.get(kind, kind)}")
     return folder
 

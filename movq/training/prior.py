@@ -1,15 +1,20 @@
-"""The MaskGIT prior's trainer (Chang et al. 2022 on Accelerate).
+"""The prior's trainer, for both priors (``kind``): MaskGIT (Chang et al. 2022) and the autoregressive
+transformer (Esser et al. 2021), on Accelerate.
 
 One optimizer step (:meth:`PriorTrainer.train_step`) is ``train.grad_accum`` micro-batches of the
-masked-token loss (:meth:`movq.models.maskgit.MaskGIT.training_loss`), then AdamW over
-:meth:`MaskGIT.param_groups` (decay on matrices only) with linear warmup and ``train.lr_schedule``. Every ``train.eval_every``
-steps rank 0 writes a grid of samples (decoded with the tokenizer, else token maps) and an inpainting
-example from the EMA model; every ``train.fid_every`` steps all ranks compute FID when the Inception
-weights are present. The schedule around the step is :class:`movq.training.loop.TrainLoop`, with the
-same guarantees as the tokenizer's trainer: every rank reads its own share of the token shards, only
-rank 0 writes, checkpoints are atomic and a resume is bit-exact on CPU.
+prior's ``training_loss`` (MaskGIT: masked-token cross-entropy; autoregressive: next-token
+cross-entropy, logged also as ``bits_per_token``), then AdamW over its ``param_groups`` (decay on
+matrices only) with linear warmup and ``train.lr_schedule``. Every ``train.eval_every`` steps rank 0 writes a grid of samples
+(decoded with the tokenizer, else token maps) and an editing example from the EMA model: MaskGIT
+inpaints the centre of real token maps; the autoregressive prior, which cannot fill an arbitrary box
+(a token only sees the tokens before it), completes their bottom half from the top half. Every
+``train.fid_every`` steps all ranks compute FID when the Inception weights are present. The schedule
+around the step is :class:`movq.training.loop.TrainLoop`, with the same guarantees as the tokenizer's
+trainer: every rank reads its own share of the token shards, only rank 0 writes, checkpoints are
+atomic and a resume is bit-exact on CPU.
 
-A checkpoint's ``model/`` and ``ema/`` are MaskGIT model folders (``MaskGIT.from_pretrained``) with
+A checkpoint's ``model/`` and ``ema/`` are model folders of the prior (``MaskGIT.from_pretrained`` /
+``AutoregressivePrior.from_pretrained``, or :func:`movq.generation.sampler.load_prior` for either) with
 their sampling defaults, tokenizer and class names in ``generation_config.json``
 (:mod:`movq.generation.sampler`).
 """
@@ -30,8 +35,10 @@ from torch import Tensor, nn
 from movq.config import PriorConfig, check_config
 from movq.data.tokens import TokenDataset, read_token_manifest
 from movq.evaluation.visualize import save_grid
+from movq.generation import autoregressive as ar_sampling
 from movq.generation.maskgit import box_mask, generate
 from movq.generation.sampler import (
+    Prior,
     SamplingDefaults,
     batch_seed,
     grid_columns,
@@ -39,11 +46,13 @@ from movq.generation.sampler import (
     plan_batches,
     rows_of,
     sample_labels,
+    sample_prior,
     save_sampling_defaults,
     shade_cells,
     token_map_images,
     tokens_to_images,
 )
+from movq.models.autoregressive import AutoregressivePrior
 from movq.models.maskgit import MaskGIT
 from movq.training.loop import TrainLoop, mean_micro_logs
 from movq.training.run import eval_mode, schedule_lambda
@@ -53,6 +62,7 @@ log = logging.getLogger(__name__)
 
 # The inpainting example regenerates the centre of the token grid: half its height and width.
 INPAINT_BOX = (0.25, 0.25, 0.75, 0.75)
+PRIOR_MODELS = {"maskgit": MaskGIT, "autoregressive": AutoregressivePrior}
 
 
 def resolve_model_shape(cfg: PriorConfig, manifest: dict, where: str) -> PriorConfig:
@@ -84,7 +94,7 @@ def resolve_model_shape(cfg: PriorConfig, manifest: dict, where: str) -> PriorCo
 class _TrainingLoss(nn.Module):
     """Puts ``training_loss`` behind ``forward``, so DDP's gradient hooks see the call."""
 
-    def __init__(self, prior: MaskGIT):
+    def __init__(self, prior: Prior):
         super().__init__()
         self.prior = prior
 
@@ -101,6 +111,9 @@ class PriorTrainer(TrainLoop):
         check_config(cfg)
         if not cfg.data.tokens:
             raise ValueError("data.tokens must name a token folder (made by tools/tokenize_dataset.py)")
+        if cfg.kind == "autoregressive" and cfg.sample.cfg_schedule != "constant":
+            raise ValueError(f"sample.cfg_schedule={cfg.sample.cfg_schedule} is a MaskGIT setting: the autoregressive "
+                             "prior guides every token with one scale (set sample.cfg_schedule=constant)")
         self.manifest = manifest = read_token_manifest(cfg.data.tokens)
         cfg = resolve_model_shape(cfg, manifest, cfg.data.tokens)
         made_by = manifest.get("tokenizer")
@@ -112,7 +125,7 @@ class PriorTrainer(TrainLoop):
         acc, cfg, t = self.acc, self.cfg, self.cfg.train
         self.data = TokenDataset(cfg.data.tokens, rank=acc.process_index, world_size=acc.num_processes,
                                  verify=cfg.data.verify)
-        prior = MaskGIT(cfg.model)
+        prior = PRIOR_MODELS[cfg.kind](cfg.model)
         self.ema = self.make_ema(prior)
         opt = torch.optim.AdamW(prior.param_groups(t.weight_decay), lr=t.lr, betas=t.betas)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(t))
@@ -120,7 +133,7 @@ class PriorTrainer(TrainLoop):
         self.tokenizer = load_tokenizer_for(prior, cfg.data.tokenizer, acc.device) if cfg.data.tokenizer else None
 
     @property
-    def prior(self) -> MaskGIT:
+    def prior(self) -> Prior:
         return self.acc.unwrap_model(self.model).prior
 
     # ------------------------------------------------------------------ checkpoints
@@ -145,7 +158,7 @@ class PriorTrainer(TrainLoop):
         return batch["label"].to(self.acc.device) if self.cfg.model.num_classes > 0 else None
 
     def train_step(self, micro_batches: list[dict]) -> Optional[dict]:
-        """The masked-token loss of every micro-batch, then clip, check and step."""
+        """The prior's loss on every micro-batch, then clip, check and step."""
         acc, t = self.acc, self.cfg.train
         keep = self.forward_state(self.model)  # a skipped step leaves no trace in any buffer
         micro = []
@@ -171,16 +184,38 @@ class PriorTrainer(TrainLoop):
         return logs if ok else None
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_model(self) -> MaskGIT:
+    def _eval_model(self) -> Prior:
         return self.ema.model if self.ema is not None else self.prior
 
-    def _sample(self, model: MaskGIT, labels: Optional[Tensor], n: int, seed: int, **kw) -> Tensor:
+    def _sample(self, model: Prior, labels: Optional[Tensor], n: int, seed: int) -> Tensor:
         s = self.cfg.sample
+        if labels is None:  # unconditional: nothing to guide towards
+            s = dataclasses.replace(s, cfg_scale=1.0)
         g = torch.Generator(self.acc.device).manual_seed(seed)
         with self.acc.autocast():  # the training precision (bf16 on GPU runs)
-            return generate(model, labels, num_samples=n, generator=g, steps=s.steps, temperature=s.temperature,
-                            choice_temperature=s.choice_temperature, cfg_scale=s.cfg_scale if labels is not None else 1.0,
-                            cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule, **kw)
+            return sample_prior(model, labels, s, num_samples=n, generator=g)
+
+    def _edit(self, model: Prior, real: Tensor, labels: Optional[Tensor], seed: int) -> tuple[Tensor, Tensor]:
+        """The editing example on real token maps: ``(filled tokens, known bool [h, w])``. MaskGIT
+        regenerates the centre box (``INPAINT_BOX``); the autoregressive prior the bottom half."""
+        s, (h, w), n = self.cfg.sample, self.cfg.model.grid_hw, real.shape[0]
+        scale = s.cfg_scale if labels is not None else 1.0
+        g = torch.Generator(self.acc.device).manual_seed(seed)
+        if self.cfg.kind == "autoregressive":
+            known = torch.zeros(h, w, dtype=torch.bool, device=real.device)
+            known[: h // 2] = True
+            with self.acc.autocast():
+                filled = ar_sampling.sample(model, labels, num_samples=n, generator=g, temperature=s.temperature,
+                                            top_k=s.top_k, top_p=s.top_p, cfg_scale=scale, prompt=real,
+                                            prompt_cells=(h // 2) * w)
+            return filled, known
+        box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
+        known = box_mask(h, w, box, image_size=(h, w), inside=True).to(real.device)
+        with self.acc.autocast():
+            filled = generate(model, labels, num_samples=n, generator=g, tokens=real, known_mask=known,
+                              steps=s.steps, temperature=s.temperature, choice_temperature=s.choice_temperature,
+                              cfg_scale=scale, cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule)
+        return filled, known
 
     def _pictures(self, tokens: Tensor) -> Tensor:
         if self.tokenizer is not None:
@@ -189,8 +224,9 @@ class PriorTrainer(TrainLoop):
 
     @torch.no_grad()
     def write_pictures(self) -> dict[str, Path]:
-        """Rank 0: a grid of samples (one class per column cycle) and an inpainting example, as PNG files (their
-        paths are returned) and to the trackers."""
+        """Rank 0: a grid of samples (one class per column cycle) and the editing example (MaskGIT:
+        inpainting, autoregressive: completion; rows: originals, the known part, the prior's result), as PNG files (their paths
+        are returned) and to the trackers."""
         model, s, dev = self._eval_model(), self.cfg.sample, self.acc.device
         out, pictures = {}, {}
         with eval_mode(model):
@@ -205,14 +241,12 @@ class PriorTrainer(TrainLoop):
             if n > 0:
                 first = self.data.take(slice(0, n))
                 real, labels = first["tokens"].to(dev), self._labels(first)
-                h, w = self.cfg.model.grid_hw
-                box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
-                known = box_mask(h, w, box, image_size=(h, w), inside=True).to(dev)
-                filled = self._sample(model, labels, n, self.cfg.train.seed + 1, tokens=real, known_mask=known)
+                filled, known = self._edit(model, real, labels, self.cfg.train.seed + 1)
                 pics = self._pictures(torch.cat([real, filled]))
                 orig, new = pics[:n], pics[n:]
-                out["inpaint"] = self.run.images / f"inpaint_{self.step:07d}.png"
-                pictures["images/inpaint"] = save_grid([orig, shade_cells(orig, known[None].cpu()), new], out["inpaint"])
+                name = "complete" if self.cfg.kind == "autoregressive" else "inpaint"
+                out[name] = self.run.images / f"{name}_{self.step:07d}.png"
+                pictures[f"images/{name}"] = save_grid([orig, shade_cells(orig, known[None].cpu()), new], out[name])
         self.log_images(pictures)
         return out
 
