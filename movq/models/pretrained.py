@@ -44,7 +44,8 @@ CONFIG_NAME = "config.json"
 LEGACY_CONFIG_NAME = "config.yaml"  # before format 1: the resolved training config
 FORMAT_VERSION = 1
 CHECKPOINT_SUBFOLDERS = ("ema", "model")  # what a trainer's checkpoint folder holds, EMA first
-MODEL_MODULES = {"MoVQ": "movq.models.autoencoder", "MaskGIT": "movq.models.maskgit"}  # class name → module
+MODEL_MODULES = {"MoVQ": "movq.models.autoencoder", "MaskGIT": "movq.models.maskgit",  # class name → module
+                 "AutoregressivePrior": "movq.models.autoregressive"}
 
 M = TypeVar("M", bound="PretrainedModel")
 
@@ -143,7 +144,7 @@ def resolve_pretrained(name: PathLike, kind: Optional[str] = None, prefer: str =
 
 
 def model_class(kind: str) -> type[PretrainedModel]:
-    """The class a ``config.json`` names ("MoVQ", "MaskGIT")."""
+    """The class a ``config.json`` names ("MoVQ", "MaskGIT", "AutoregressivePrior")."""
     if kind not in MODEL_MODULES:
         raise ValueError(f"unknown model class {kind!r}; movq has {sorted(MODEL_MODULES)}")
     return getattr(importlib.import_module(MODEL_MODULES[kind]), kind)

@@ -136,7 +136,9 @@ class TrainLoop:
         t.mixed_precision = acc.mixed_precision  # the launcher's choice when unset: in config.yaml and the trackers
         if t.trackers:
             # the resolved config, logged once as the trackers start
-            flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+            flat = {}
+            for s, sec in to_dict(cfg).items():  # sections, and top-level keys such as the prior's kind
+                flat.update({f"{s}.{k}": v for k, v in sec.items()} if isinstance(sec, dict) else {s: sec})
             init_kwargs = {}
             if "wandb" in t.trackers:
                 # wandb would otherwise write ./wandb in the working directory: keep it in the run folder. A resume
