@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 out=runs/shapes
-threads=${MOVQ_THREADS:-2}  # the machine's cores: the tokenizer uses them all, each prior one
+# The tokenizer (and the judge) use MOVQ_THREADS threads, each prior one. On a machine busy with other
+# jobs set MOVQ_THREADS=1: two threads made the tokenizer's steps 20x slower there (README).
+threads=${MOVQ_THREADS:-2}
 rm -rf "$out"  # a fresh demo each time (the trainers refuse to start over in a folder with checkpoints)
 start=$(date +%s)
 stamp() { echo "[main job] $1 at $(( $(date +%s) - start )) s"; }
