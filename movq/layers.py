@@ -40,6 +40,16 @@ class SpatialNorm(nn.Module):
         self.conv_y = nn.Conv2d(zq_channels, channels, kernel_size=1)
         self.conv_b = nn.Conv2d(zq_channels, channels, kernel_size=1)
 
+    @torch.no_grad()
+    def init_identity_(self) -> None:
+        """Start as the plain GroupNorm: ``conv_y`` weight 0 / bias 1, ``conv_b`` weight 0 / bias 0, so the
+        modulation begins at scale 1, shift 0 (DiT's adaLN-zero starts its modulation the same way) and
+        ``zq`` enters through the gradients of the zero weights. PyTorch's default init instead starts
+        the scale near 0 (``|conv_y(zq)|`` ≈ 0.1 at the tiny size), shrinking every normalized map."""
+        for conv, bias in ((self.conv_y, 1.0), (self.conv_b, 0.0)):
+            conv.weight.zero_()
+            conv.bias.fill_(bias)
+
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         """f: [B, channels, H, W]; zq: [B, zq_channels, h, w] with h ≤ H → [B, channels, H, W]."""
         zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")

@@ -1,0 +1,1 @@
+"""Evaluation: tokenizer metrics and the ablation grid."""
