@@ -103,6 +103,13 @@ def test_grid_trains_reports_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert ablate.main(argv) == 0
     assert "4 cell(s) done, 0 to train" in capsys.readouterr().out
+    # --no-train reports what is there and lists the rest as missing, without training it
+    partial = tmp_path / "partial"
+    more = ["--config", str(cfg), "--variants", "group-single", "spatial-multi", "group-multi", "--seeds", "0", "1",
+            "--work-dir", str(tmp_path / "work"), "--out", str(partial), "--no-train"]
+    assert ablate.main(more) == 0
+    assert json.loads(partial.with_suffix(".json").read_text())["missing"] == ["group-multi/seed0", "group-multi/seed1"]
+    assert not (tmp_path / "work" / "group-multi").exists()
     with pytest.raises(SystemExit):
         ablate.main([*argv, "--steps", "4"])
     assert "trained with another config" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -187,7 +188,9 @@ def main(argv=None) -> int:
                     "lpips": [args.lpips_vgg, args.lpips_lin] if args.lpips_vgg else None, "result": str(result)}
             atomic_write_text(folder / "cell.json", json.dumps(spec, indent=1) + "\n")
             pending.append((name, seed, folder))
-    command = "python tools/ablate.py " + shlex.join(a for a in (argv if argv is not None else sys.argv[1:]))
+    # What reproduces the table: the command without --no-train (which only re-reads finished cells).
+    command = "python tools/ablate.py " + shlex.join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-train")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(done)} cell(s) done, {len(pending)} to train ({args.jobs} at a time, {threads} thread(s) each)",
           flush=True)
@@ -201,6 +204,13 @@ def main(argv=None) -> int:
         return [f"{n}/seed{s}" for (n, s) in cells if (n, s) not in finished]
 
     _write(_report(args, base, variants, done, missing(), failed, command), out)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (and SIGINT, which a shell's background job ignores) stop the running cells, which save
+    # a checkpoint on the SIGTERM they get: a rerun of the same command resumes them.
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         while queue or running:
             while queue and len(running) < args.jobs:
@@ -228,11 +238,13 @@ def main(argv=None) -> int:
                 _write(_report(args, base, variants, done, missing(), failed, command), out)
     except KeyboardInterrupt:
         for proc, *_ in running:
-            proc.terminate()  # the trainer saves a checkpoint on SIGTERM; a rerun resumes it
+            proc.terminate()
         for proc, *_ in running:
             proc.wait()
         print("interrupted: rerun the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", flush=True)
     if failed:
         print(f"error: {len(failed)} cell(s) failed: {failed}", file=sys.stderr)
