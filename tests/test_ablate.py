@@ -50,6 +50,12 @@ def test_statistics_and_pairs():
     pair = ablation.paired(cells, "a", "b")  # only the seeds both have
     assert pair["seeds"] == [0, 1] and pair["values"] == [1.0, -0.5] and pair["wins"] == 1
     assert pair["mean"] == pytest.approx(0.25)
+    # usage over training: the steps every seed logged, multiples of `every`, averaged over seeds
+    cells[0]["usage_curve"] = [{"step": s, "usage": u} for s, u in [(1, 1.0), (2, 0.5), (4, 0.25)]]
+    cells[1]["usage_curve"] = [{"step": s, "usage": u} for s, u in [(2, 1.0), (4, 0.75), (6, 0.5)]]
+    curve = ablation.usage_curve(cells, "a", every=2)
+    assert [(s, st["mean"]) for s, st in curve] == [(2, 0.75), (4, 0.5)]
+    assert ablation.usage_curve(cells, "b", every=2) == []
 
 
 def test_identity_init_starts_as_group_norm():
@@ -110,6 +116,13 @@ def test_grid_trains_reports_and_resumes(tmp_path, capsys):
     assert ablate.main(more) == 0
     assert json.loads(partial.with_suffix(".json").read_text())["missing"] == ["group-multi/seed0", "group-multi/seed1"]
     assert not (tmp_path / "work" / "group-multi").exists()
+    # the same config under another name (init-default is the default) counts for that name
+    (tmp_path / "work" / "spatial-multi+init-default").symlink_to(tmp_path / "work" / "spatial-multi")
+    alias = tmp_path / "alias"
+    assert ablate.main(["--config", str(cfg), "--variants", "spatial-multi+init-default", "--seeds", "0", "1",
+                        "--work-dir", str(tmp_path / "work"), "--out", str(alias), "--no-train"]) == 0
+    aliased = json.loads(alias.with_suffix(".json").read_text())
+    assert aliased["missing"] == [] and aliased["aggregate"]["spatial-multi+init-default"]["psnr"]["n"] == 2
     with pytest.raises(SystemExit):
         ablate.main([*argv, "--steps", "4"])
     assert "trained with another config" in capsys.readouterr().err

@@ -183,7 +183,9 @@ def main(argv=None) -> int:
             if r.get("key") != key:
                 p.error(f"{result} was trained with another config (key {r.get('key')} != {key}): "
                         "use another --work-dir, or delete that cell to retrain it")
-            done.append(r)
+            # The key matched, so the cell is this experiment even if it was trained under another
+            # name (e.g. spatial-single+init-default is spatial-single): it counts for this variant.
+            done.append({**r, "variant": name})
         elif not args.no_train:
             folder.mkdir(parents=True, exist_ok=True)
             spec = {"config": to_dict(cfg), "variant": name, "seed": seed, "key": key,
