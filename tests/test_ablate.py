@@ -50,12 +50,13 @@ def test_statistics_and_pairs():
     pair = ablation.paired(cells, "a", "b")  # only the seeds both have
     assert pair["seeds"] == [0, 1] and pair["values"] == [1.0, -0.5] and pair["wins"] == 1
     assert pair["mean"] == pytest.approx(0.25)
-    # usage over training: the steps every seed logged, multiples of `every`, averaged over seeds
-    cells[0]["usage_curve"] = [{"step": s, "usage": u} for s, u in [(1, 1.0), (2, 0.5), (4, 0.25)]]
-    cells[1]["usage_curve"] = [{"step": s, "usage": u} for s, u in [(2, 1.0), (4, 0.75), (6, 0.5)]]
-    curve = ablation.usage_curve(cells, "a", every=2)
-    assert [(s, st["mean"]) for s, st in curve] == [(2, 0.75), (4, 0.5)]
-    assert ablation.usage_curve(cells, "b", every=2) == []
+    # usage over training: evenly spaced steps that every seed logged (the last included), seed means
+    cells[0]["usage_curve"] = [{"step": s, "usage": 1.0 - s / 100} for s in range(1, 13)]
+    cells[1]["usage_curve"] = [{"step": s, "usage": 1.0 - s / 50} for s in range(2, 14)]
+    curve = ablation.usage_curve(cells, "a", points=3)
+    assert [s for s, _ in curve] == [5, 9, 12] and curve[-1][1]["mean"] == pytest.approx(1.0 - 0.12 * 1.5)
+    assert [s for s, _ in ablation.usage_curve(cells, "a", points=20)] == list(range(2, 13))
+    assert ablation.usage_curve(cells, "b") == []
 
 
 def test_identity_init_starts_as_group_norm():

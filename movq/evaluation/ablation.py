@@ -182,14 +182,17 @@ def paired(cells: Sequence[dict], a: str, b: str, metric: str = "psnr") -> dict:
             "wins": sum(d > 0 for d in diffs)}
 
 
-def usage_curve(cells: Sequence[dict], variant: str, every: int) -> list[tuple[int, dict]]:
-    """Training-window codebook usage of ``variant`` at the logged steps that are multiples of
-    ``every`` and that all its seeds logged: ``[(step, mean_std)]`` (what shows a collapse)."""
+def usage_curve(cells: Sequence[dict], variant: str, points: int = 6) -> list[tuple[int, dict]]:
+    """Training-window codebook usage of ``variant`` at up to ``points`` evenly spaced steps that all
+    its seeds logged, the last one included: ``[(step, mean_std)]`` (what shows a collapse)."""
     curves = [{r["step"]: r["usage"] for r in c.get("usage_curve", []) if r.get("usage") is not None}
               for c in cells if c["variant"] == variant]
     if not curves:
         return []
-    steps = sorted(s for s in set.intersection(*(set(c) for c in curves)) if s % every == 0)
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    n = len(common)
+    k = min(points, n)
+    steps = sorted({common[n - 1 - (i * n) // k] for i in range(k)})
     return [(s, mean_std([c[s] for c in curves])) for s in steps]
 
 
@@ -225,8 +228,7 @@ def render_markdown(report: dict) -> str:
                   "| comparison | a − b | wins |", "|---|---|---|"]
         for c in report["comparisons"]:
             lines.append(f"| {c['title']} (`{c['a']}` − `{c['b']}`) | {_fmt(c, 2)} | {c['wins']}/{c['n']} |")
-    every = max(1, b["max_steps"] // 6)
-    curves = {v: usage_curve(report.get("cells", []), v, every) for v in agg}
+    curves = {v: usage_curve(report.get("cells", []), v) for v in agg}
     steps = sorted({s for c in curves.values() for s, _ in c})
     if steps:
         lines += ["", "Codebook usage during training (fraction of codes chosen in the last `quantizer.usage_window` "
