@@ -75,6 +75,13 @@ class ModelConfig:
     norm_groups: int = 32
     # MoVQGAN's SpatialNorm(add_conv=True): a 3×3 conv on the upsampled zq before conv_y / conv_b.
     spatial_norm_conv: bool = False
+    # How SpatialNorm's conv_y / conv_b start in a new model (loaded weights replace them): "identity" =
+    # scale 1, shift 0, the GroupNorm decoder at step 0 (as DiT's adaLN-zero); "default" = PyTorch's
+    # conv init, as MoVQGAN and diffusers.
+    spatial_norm_init: Literal["identity", "default"] = "default"
+    # The map SpatialNorm is conditioned on: "quantized" = zq before post_quant_conv (the paper, MoVQGAN,
+    # diffusers; C·d wide); "post_quant" = after it (z_channels wide).
+    spatial_norm_zq: Literal["quantized", "post_quant"] = "quantized"
     # taming/MoVQGAN put an extra res block in each decoder level (num_res_blocks + 1)
     decoder_extra_block: bool = True
     # attention in the middle of encoder and decoder (taming: always on)

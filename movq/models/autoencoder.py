@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import ModelConfig, MoVQConfig, TokenizerConfig, load_config
-from movq.models.layers import AttnBlock, Downsample, Norm, ResnetBlock, Upsample
+from movq.models.layers import AttnBlock, Downsample, Norm, ResnetBlock, SpatialNorm, Upsample
 from movq.models.pretrained import PretrainedModel
 from movq.models.quantizer import MultichannelQuantizer, QuantizerOutput
 
@@ -81,9 +81,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(z [B, z_channels, h, w], zq [B, C·d, h, w]) → [B, out_channels, h·f, w·f].
+    """(z [B, z_channels, h, w], zq [B, zq_channels, h, w]) → [B, out_channels, h·f, w·f].
 
-    ``zq`` conditions every norm when ``cfg.norm == "spatial"`` and is ignored otherwise.
+    ``zq`` (C·d wide, or z_channels with ``spatial_norm_zq="post_quant"``) conditions every norm when
+    ``cfg.norm == "spatial"`` and is ignored otherwise.
     """
 
     def __init__(self, cfg: ModelConfig, z_channels: int, zq_channels: int):
@@ -118,6 +119,12 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = Norm(c, cfg.norm, g, zq_channels, cfg.spatial_norm_conv)
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
+        if cfg.spatial_norm_init == "identity":
+            for m in self.modules():
+                if isinstance(m, SpatialNorm):
+                    m.init_identity_()
+        elif cfg.spatial_norm_init != "default":
+            raise ValueError(f"model.spatial_norm_init must be 'identity' or 'default', got {cfg.spatial_norm_init!r}")
 
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         ck = self.cfg.gradient_checkpointing
@@ -171,14 +178,17 @@ class MoVQ(PretrainedModel, tags=["image-tokenizer", "vqgan", "movq"]):
             raise ValueError("model.channel_mult needs at least one level")
         if m.spatial_norm_conv and m.norm != "spatial":
             raise ValueError("model.spatial_norm_conv needs model.norm='spatial'")
+        if m.spatial_norm_zq not in ("quantized", "post_quant"):
+            raise ValueError(f"model.spatial_norm_zq must be 'quantized' or 'post_quant', got {m.spatial_norm_zq!r}")
         zq_channels = q.channels * q.dim
         z_channels = m.z_channels or zq_channels
+        self._zq_post = m.spatial_norm_zq == "post_quant"
         self.downsample_factor = 2 ** (len(m.channel_mult) - 1)
         self.encoder = Encoder(m, z_channels)
         self.quant_conv = nn.Conv2d(z_channels, zq_channels, 1)
         self.quantizer = MultichannelQuantizer(q)
         self.post_quant_conv = nn.Conv2d(zq_channels, z_channels, 1)
-        self.decoder = Decoder(m, z_channels, zq_channels)
+        self.decoder = Decoder(m, z_channels, z_channels if self._zq_post else zq_channels)
 
     @classmethod
     def from_config(cls, config: Union[str, os.PathLike, dict, TokenizerConfig], overrides=()) -> MoVQ:
@@ -210,7 +220,8 @@ class MoVQ(PretrainedModel, tags=["image-tokenizer", "vqgan", "movq"]):
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """z_q [B, C·d, h, w] → images [B, 3, h·f, w·f]."""
-        return self.decoder(self.post_quant_conv(z_q), z_q)
+        z = self.post_quant_conv(z_q)
+        return self.decoder(z, z if self._zq_post else z_q)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices int64 [B, C, h, w] → images [B, 3, h·f, w·f]."""
