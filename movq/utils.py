@@ -61,6 +61,29 @@ def atomic_write(path: PathLike, data: Union[str, bytes]) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+@contextmanager
+def atomic_folder(path: PathLike, marker: str = "spec.json") -> Iterator[Path]:
+    """``with atomic_folder(p) as tmp:`` build a folder in ``tmp`` (beside ``p``), ending with the file
+    ``marker`` that says it is complete; on success it is renamed to ``p``. When another process published
+    ``p`` first (its ``marker`` exists), its copy is kept. ``tmp`` is removed in every case."""
+    import logging
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=path.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / marker).is_file():
+                raise
+            logging.getLogger(__name__).info("another process built %s first; using it", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(path: PathLike) -> str:
     """Hex sha256 of a file, read in blocks (weights and shards can be GBs)."""
     digest = hashlib.sha256()

@@ -418,3 +418,22 @@ def test_a_shard_folder_stands_for_its_shards(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match="holds no .tar files"):
         build_dataset(DataConfig(source="shards", train=str(tmp_path / "none")), "train")
+
+
+def test_atomic_folder_publishes_once_and_keeps_a_copy_published_first(tmp_path):
+    from movq.utils import atomic_folder
+
+    root = tmp_path / "cache" / "ds"
+    with atomic_folder(root) as tmp:
+        (tmp / "a.txt").write_text("first")
+        (tmp / "spec.json").write_text("{}")
+    assert (root / "a.txt").read_text() == "first"
+    with atomic_folder(root) as tmp:  # another builder finishing second: the first copy stays
+        (tmp / "a.txt").write_text("second")
+        (tmp / "spec.json").write_text("{}")
+    assert (root / "a.txt").read_text() == "first"
+    assert [p.name for p in root.parent.iterdir()] == ["ds"]  # no build folder left behind
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "failed") as tmp:
+            raise RuntimeError("build failed")
+    assert not (tmp_path / "failed").exists() and [p.name for p in tmp_path.iterdir()] == ["cache"]

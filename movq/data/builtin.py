@@ -12,9 +12,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from PIL import Image
 
 from movq.config import DataConfig
 from movq.data.shards import ShardWriter, write_manifest
-from movq.utils import cache_dir
+from movq.utils import atomic_folder, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +104,8 @@ def builtin_dataset(cfg: DataConfig) -> Path:
     if (root / "spec.json").is_file():  # written last, so the folder is complete
         return root
     require_photo_packages()  # only to build it: a cached copy reads without them
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
     logger.info("building the builtin dataset in %s", root)
-    try:
+    with atomic_folder(root) as tmp:
         for tag, split in enumerate(("train", "val")):
             photos, n = spec[split]
             n_shards = min(_BUILTIN_SHARDS[split], n)
@@ -123,12 +118,4 @@ def builtin_dataset(cfg: DataConfig) -> Path:
             write_manifest(tmp / split, writer.close(), classes=[], image_size=cfg.image_size,
                            image_format="jpg", photos=photos)
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1))
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "spec.json").is_file():
-                raise
-            logger.info("another process built %s first; using it", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

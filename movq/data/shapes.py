@@ -34,9 +34,6 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from movq.config import DataConfig
 from movq.data.shards import ShardWriter, write_manifest
-from movq.utils import cache_dir
+from movq.utils import atomic_folder, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -241,10 +238,8 @@ def shapes_split(cfg: DataConfig, split: str) -> Path:
     root = cache_dir(cfg.cache_dir) / "shapes" / f"{cfg.image_size}px-{key}" / f"{split}-{n}"
     if (root / "spec.json").is_file():  # written last, so the folder is complete
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
     logger.info("building the shapes dataset's %s split (%d images) in %s", split, n, root)
-    try:
+    with atomic_folder(root) as tmp:
         n_shards = min(_SHARDS[split], n)
         writer = ShardWriter(tmp, maxcount=n)
         for i, (key_i, members) in enumerate(_samples(n, cfg.image_size, spec["seed"], split)):
@@ -254,14 +249,6 @@ def shapes_split(cfg: DataConfig, split: str) -> Path:
         write_manifest(tmp, writer.close(), classes=list(SHAPE_CLASSES), image_size=cfg.image_size,
                        image_format="png", dataset="shapes", split=split, version=_SHAPES_VERSION)
         (tmp / "spec.json").write_text(json.dumps({**spec, "split": split, "count": n}, indent=1))
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "spec.json").is_file():
-                raise
-            logger.info("another process built %s first; using it", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
