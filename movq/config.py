@@ -337,6 +337,24 @@ DEFAULT_STEPS = 8
 DEFAULT_CHOICE_TEMPERATURE = 4.5
 
 
+def _prior_transformer_checks(cfg) -> list[tuple[bool, str]]:
+    """``(ok, message)`` for the fields both priors' transformers share (MaskGIT, autoregressive)."""
+    h, w = cfg.grid_hw
+    return [
+        (cfg.codebook_size >= 2, f"codebook_size must be >= 2, got {cfg.codebook_size}"),
+        (cfg.channels >= 1, f"channels must be >= 1, got {cfg.channels}"),
+        (h >= 1 and w >= 1, f"grid must be positive, got {cfg.grid!r}"),
+        (cfg.num_classes >= 0, f"num_classes must be >= 0, got {cfg.num_classes}"),
+        (cfg.depth >= 1, f"depth must be >= 1, got {cfg.depth}"),
+        (cfg.heads >= 1, f"heads must be >= 1, got {cfg.heads}"),
+        (cfg.width % cfg.heads == 0, f"width {cfg.width} must be divisible by heads {cfg.heads}"),
+        (cfg.mlp_ratio > 0, f"mlp_ratio must be > 0, got {cfg.mlp_ratio}"),
+        (0 <= cfg.dropout < 1 and 0 <= cfg.attn_dropout < 1, "dropout rates must lie in [0, 1)"),
+        (0 <= cfg.class_dropout <= 1, f"class_dropout must lie in [0, 1], got {cfg.class_dropout}"),
+        (0 <= cfg.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {cfg.label_smoothing}"),
+    ]
+
+
 @dataclass
 class MaskGITConfig:
     """Shape and training objective of the prior. Defaults: MaskGIT's ImageNet 256 model."""
@@ -360,19 +378,8 @@ class MaskGITConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        h, w = self.grid_hw
         checks = [
-            (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
-            (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
-            (h >= 1 and w >= 1, f"grid must be positive, got {self.grid!r}"),
-            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
-            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
-            (self.width % self.heads == 0, f"width {self.width} must be divisible by heads {self.heads}"),
-            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
-            (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout rates must lie in [0, 1)"),
-            (0 <= self.class_dropout <= 1, f"class_dropout must lie in [0, 1], got {self.class_dropout}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
+            *_prior_transformer_checks(self),
             (0 <= self.min_mask_rate <= 1, f"min_mask_rate must lie in [0, 1], got {self.min_mask_rate}"),
         ]
         for ok, msg in checks:
@@ -425,20 +432,9 @@ class AutoregressiveConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        h, w = self.grid_hw
         checks = [
-            (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
-            (self.channels >= 1, f"channels must be >= 1, got {self.channels}"),
-            (h >= 1 and w >= 1, f"grid must be positive, got {self.grid!r}"),
-            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
-            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
+            *_prior_transformer_checks(self),
             (self.depth_layers >= 1, f"depth_layers must be >= 1, got {self.depth_layers}"),
-            (self.heads >= 1, f"heads must be >= 1, got {self.heads}"),
-            (self.width % self.heads == 0, f"width {self.width} must be divisible by heads {self.heads}"),
-            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
-            (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout rates must lie in [0, 1)"),
-            (0 <= self.class_dropout <= 1, f"class_dropout must lie in [0, 1], got {self.class_dropout}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (self.window >= 0, f"window must be >= 0 cells (0 = full attention), got {self.window}"),
         ]
         for ok, msg in checks:

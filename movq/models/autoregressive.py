@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import FACTORIZATIONS, AutoregressiveConfig
-from movq.models.masking import random_uniform
+from movq.models.masking import check_class_labels, random_uniform
 from movq.models.pretrained import PretrainedModel
 
 # GPT-2 / nanoGPT initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers).
@@ -260,19 +260,8 @@ class AutoregressivePrior(PretrainedModel):
         return tokens.long()
 
     def check_labels(self, labels: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
-        """``labels`` as int64 ``[batch]`` (None: the null class); a clear error for bad ones."""
-        if labels is None:
-            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
-            raise ValueError(
-                f"AutoregressivePrior: labels must be integers of shape [{batch}], got {labels.dtype} {tuple(labels.shape)}"
-            )
-        if not torch.compiler.is_compiling() and ((labels < 0) | (labels > self.null_class)).any():
-            raise ValueError(
-                f"AutoregressivePrior: labels must lie in [0, {self.null_class}] ({self.null_class} = null class), "
-                f"got [{int(labels.min())}, {int(labels.max())}]"
-            )
-        return labels.long().to(device)
+        """``labels`` as int64 ``[batch]`` on ``device`` (None: the null class); a clear error for bad ones."""
+        return check_class_labels("AutoregressivePrior", labels, batch, self.null_class, device).to(device)
 
     # ----------------------------------------------------------------------------------
     # The spatial transformer

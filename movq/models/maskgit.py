@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import MaskGITConfig
-from movq.models.masking import mask_schedule, random_uniform
+from movq.models.masking import check_class_labels, mask_schedule, random_uniform
 from movq.models.pretrained import PretrainedModel
 
 # BERT / MaskGIT initialisation: truncated normal with this std, cut at ±2 std.
@@ -153,18 +153,7 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
         return tokens.long()
 
     def _check_labels(self, labels: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
-        if labels is None:
-            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
-            raise ValueError(
-                f"MaskGIT: labels must be integers of shape [{batch}], got {labels.dtype} {tuple(labels.shape)}"
-            )
-        if not torch.compiler.is_compiling() and ((labels < 0) | (labels > self.null_class)).any():
-            raise ValueError(
-                f"MaskGIT: labels must lie in [0, {self.null_class}] ({self.null_class} = null class), "
-                f"got [{int(labels.min())}, {int(labels.max())}]"
-            )
-        return labels.long()
+        return check_class_labels("MaskGIT", labels, batch, self.null_class, device)
 
     def forward(self, tokens: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """Logits ``[B, C, h, w, K]`` for ``tokens int [B, C, h, w]`` (id K = [MASK]).

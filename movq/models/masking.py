@@ -1,5 +1,6 @@
 """The mask schedule MaskGIT shares between training and sampling (Chang et al., CVPR 2022, §3.2;
-google-research/maskgit ``libml/mask_schedule.py``), and seeded uniform draws."""
+google-research/maskgit ``libml/mask_schedule.py``), seeded uniform draws, and the class-label check of
+both priors (MaskGIT and the autoregressive prior share the null-class convention)."""
 from __future__ import annotations
 
 import math
@@ -34,3 +35,19 @@ def random_uniform(
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def check_class_labels(owner: str, labels: Optional[Tensor], batch: int, null_class: int,
+                       device: torch.device) -> Tensor:
+    """``labels`` as int64 ``[batch]`` (None: ``null_class`` for every row, on ``device``), or a ``ValueError``
+    that names ``owner`` for labels that are not integers of that shape or lie outside [0, null_class]."""
+    if labels is None:
+        return torch.full((batch,), null_class, dtype=torch.long, device=device)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
+        raise ValueError(f"{owner}: labels must be integers of shape [{batch}], got {labels.dtype} {tuple(labels.shape)}")
+    if not torch.compiler.is_compiling() and ((labels < 0) | (labels > null_class)).any():
+        raise ValueError(
+            f"{owner}: labels must lie in [0, {null_class}] ({null_class} = null class), "
+            f"got [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.long()
