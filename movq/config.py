@@ -346,7 +346,7 @@ CONDITION_KINDS = typing.get_args(ConditionKind)
 class ConditionConfig:
     """An image condition of a prior (``model.condition``; null = none): what it is and how it is encoded.
 
-    ``edges``: Canny edges of the grey image, 1 channel {0, 1} at the image size. ``segmentation``: a label
+    ``edges``: Canny edges (the union over R, G, B), 1 channel {0, 1} at the image size. ``segmentation``: a label
     map of ``num_classes`` classes at the image size, one-hot in the encoder. ``lowres``: the RGB image
     box-downsampled by ``factor``. The trainer checks kind and parameters against the token folder's."""
 

@@ -307,3 +307,32 @@ def test_sample_script_with_a_condition_image(tmp_path, cdata, kind, capsys):
     code = run_sample("--checkpoint", tmp_path / "run", "--num-samples", 1, "--out", tmp_path / "o3", "--cpu",
                       "--condition", "lowres", "--condition-image", tmp_path / "sketch.png")
     assert code == 2 and "the prior is conditioned on edges" in capsys.readouterr().err
+
+
+def test_condition_scores():
+    from movq.evaluation.conditions import PriorCheck, edge_f1, held_out, lowres_psnr, mask_iou, report
+
+    cfg = ConditionConfig(kind="edges")
+    real, conds = held_out(cfg, 4, 32)
+    assert np.allclose(edge_f1(real, conds, cfg.sigma), 1.0)  # a real image follows its own condition
+    img = np.zeros((1, 32, 32, 3), np.uint8)
+    img[0, 8:24, 8:24] = 255
+    e = edge_map(img[0])[None]
+    e1 = np.zeros_like(e)
+    e1[..., 1:] = e[..., :-1]  # one pixel off: within the tolerance
+    assert edge_f1(img, e1, 1.0)[0] == 1.0 and edge_f1(img, np.zeros_like(e), 1.0)[0] == 0.0
+    small = lowres_image(real[0], 4)[None]
+    assert lowres_psnr(real[:1], small, 4)[0] > 60 and lowres_psnr(real[:1], 255 - small, 4)[0] < 15
+    seg_cfg = ConditionConfig(kind="segmentation", num_classes=9)
+    real, seg = held_out(seg_cfg, 8, 32)
+    assert mask_iou(real, seg).mean() > 0.8 and mask_iou(real[::-1], seg).mean() < 0.5  # a wrong shape scores low
+    figures = report(PriorCheck({"conditional_cfg1": np.array([2.0, 3.0]), "unconditional": np.array([1.0, 1.0])}, {}))
+    assert figures["difference"]["conditional_cfg1"]["mean"] == 1.5 and figures["unconditional"]["sem"] == 0.0
+
+
+def test_edges_without_scikit_image_name_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "skimage.feature", None)
+    with pytest.raises(ImportError, match=r"pip install 'movq\[conditions\]'"):
+        edge_map(np.zeros((8, 8, 3), np.uint8))
