@@ -336,3 +336,30 @@ def test_edges_without_scikit_image_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage.feature", None)
     with pytest.raises(ImportError, match=r"pip install 'movq\[conditions\]'"):
         edge_map(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_tokenize_shards_with_seg_png(tmp_path, tok, capsys):
+    """Shards made elsewhere carry each sample's label map as seg.png; one without it is an error naming it."""
+    import io
+
+    from movq.data.shards import TarShard
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((16, 16), np.uint8)
+    labels[4:12, 4:12] = 2
+    (tmp_path / "shards").mkdir()
+    with TarShard(tmp_path / "shards" / "a.tar") as shard:
+        for key in ("x", "y"):
+            shard.add(key, {"png": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "seg.png": png(labels)})
+    args = ["--source", "shards", "--condition", "segmentation", "--condition-classes", 3]
+    assert run_tool("--tokenizer", tok, tmp_path / "shards" / "a.tar", tmp_path / "t", *args) == 0
+    assert np.array_equal(TokenDataset(tmp_path / "t").conditions[1, 0], labels)
+    with TarShard(tmp_path / "shards" / "b.tar") as shard:
+        shard.add("z", {"png": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))})
+    assert run_tool("--tokenizer", tok, tmp_path / "shards" / "b.tar", tmp_path / "t2", *args) == 2
+    assert "b.tar:z: no seg.png member" in capsys.readouterr().err

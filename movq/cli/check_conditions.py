@@ -22,6 +22,7 @@ samples, unconditional samples).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
             size = tokenizer.config.model.resolution
             real, conds = held_out(cc, args.num_conditions, size)
             t1 = time.time()
-            check = check_prior(prior, tokenizer, conds, defaults.sample, tuple(args.cfg_scales), args.seed, real=real)
+            check = check_prior(_drawer(prior, tokenizer, defaults.sample), cc, conds, tuple(args.cfg_scales), args.seed,
+                                real=real, reconstruct=functools.partial(_reconstruct, tokenizer))
             figures = report(check)
             steps = json.loads((run / "checkpoints" / sorted(os.listdir(run / "checkpoints"))[-1] /
                                 "trainer_state.json").read_text()).get("step")
@@ -172,6 +174,32 @@ def _write(args, argv, results: dict, t0: float) -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.json, json.dumps(info, indent=1) + "\n")
+
+
+def _drawer(prior, tokenizer, settings):
+    """``draw(conditions or None, n, cfg_scale, generator)`` of :func:`movq.evaluation.conditions.check_prior`:
+    the prior's samples (null class; the null condition for None), decoded, uint8 [n, S, S, 3]."""
+    import dataclasses
+
+    from movq.data.decode import images_to_uint8
+    from movq.generation.sampler import sample_prior, tokens_to_images
+
+    @torch.no_grad()
+    def draw(conditions, n: int, scale: float, generator: torch.Generator):
+        s = dataclasses.replace(settings, cfg_scale=scale)
+        tokens = sample_prior(prior, None, s, num_samples=n, generator=generator, condition=conditions)
+        return images_to_uint8(tokens_to_images(tokenizer, tokens)).cpu().numpy()
+
+    return draw
+
+
+@torch.no_grad()
+def _reconstruct(tokenizer, images):
+    from movq.data.decode import images_from_uint8, images_to_uint8
+    from movq.generation.sampler import tokens_to_images
+
+    x = images_from_uint8(torch.from_numpy(images)).contiguous()
+    return images_to_uint8(tokens_to_images(tokenizer, tokenizer.encode(x).indices)).cpu().numpy()
 
 
 def _print(kind: str, name: str, figures: dict) -> None:

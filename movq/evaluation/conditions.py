@@ -17,6 +17,7 @@ error; ``difference`` is the paired mean of (conditional − unconditional) per 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,11 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from movq.config import ConditionConfig, SampleConfig
+from movq.config import ConditionConfig
 from movq.data.conditions import edge_map, lowres_image, make_condition
-from movq.data.decode import images_from_uint8, images_to_uint8
 from movq.data.shapes import render_shape, shape_label_map
-from movq.generation.sampler import sample_prior, tokens_to_images
 
 EDGE_TOLERANCE = 1  # pixels
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the border's median colour that counts as the shape
@@ -117,33 +116,31 @@ class PriorCheck:
     samples: dict  # name → uint8 [N, S, S, 3]
 
 
-@torch.no_grad()
-def check_prior(prior, tokenizer, conditions: np.ndarray, settings: SampleConfig, cfg_scales: tuple[float, ...],
-                seed: int = 0, batch: int = 64, real: Optional[np.ndarray] = None) -> PriorCheck:
-    """Sample ``prior`` once per condition with it (each of ``cfg_scales``) and with the null condition (``null``:
-    no condition, no class, no guidance), decode, and score against the conditions; with ``real`` images also the
-    tokenizer's reconstructions of them (``reconstruction``: the ceiling the tokens allow) and ``real`` itself."""
-    import dataclasses
+# draw(conditions uint8 [B, ch, H', W'] or None, B, cfg_scale, generator) -> samples uint8 [B, S, S, 3]
+Draw = Callable[[Optional[torch.Tensor], int, float, torch.Generator], np.ndarray]
 
-    cfg = prior.config.condition
-    device = next(prior.parameters()).device
+
+@torch.no_grad()
+def check_prior(draw: Draw, cfg: ConditionConfig, conditions: np.ndarray, cfg_scales: tuple[float, ...],
+                seed: int = 0, batch: int = 64, real: Optional[np.ndarray] = None,
+                reconstruct: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> PriorCheck:
+    """Sample once per condition with it (``draw`` at each of ``cfg_scales``) and with the null condition
+    (``unconditional``: ``draw(None, B, 1, g)``: no condition, no guidance), and score against the conditions; the
+    same noise (generator seeds) for every setting. With ``real`` images also the tokenizer's reconstructions of
+    them (``reconstruction``: ``reconstruct(real)``, the ceiling the tokens allow) and ``real`` itself."""
     runs = {f"conditional_cfg{s:g}": (s, True) for s in cfg_scales}
     runs["unconditional"] = (1.0, False)
     scores, samples = {}, {}
     for name, (scale, with_condition) in runs.items():
-        s = dataclasses.replace(settings, cfg_scale=scale)
         out = []
         for start in range(0, len(conditions), batch):
-            cond = torch.from_numpy(conditions[start : start + batch]).to(device)
-            g = torch.Generator(device).manual_seed(seed + start)  # the same noise for every setting
-            tokens = sample_prior(prior, None, s, num_samples=len(cond), generator=g,
-                                  condition=cond if with_condition else None)
-            out.append(images_to_uint8(tokens_to_images(tokenizer, tokens)).cpu().numpy())
+            cond = torch.from_numpy(conditions[start : start + batch])
+            g = torch.Generator().manual_seed(seed + start)
+            out.append(draw(cond if with_condition else None, len(cond), scale, g))
         samples[name] = np.concatenate(out)
         scores[name] = score(cfg, samples[name], conditions)
-    if real is not None:
-        x = images_from_uint8(torch.from_numpy(real)).contiguous().to(device)
-        recon = images_to_uint8(tokens_to_images(tokenizer, tokenizer.encode(x).indices)).cpu().numpy()
+    if real is not None and reconstruct is not None:
+        recon = reconstruct(real)
         scores["reconstruction"], samples["reconstruction"] = score(cfg, recon, conditions), recon
         scores["real"] = score(cfg, real, conditions)
     return PriorCheck(scores, samples)
