@@ -337,6 +337,62 @@ DEFAULT_STEPS = 8
 DEFAULT_CHOICE_TEMPERATURE = 4.5
 
 
+# Image conditions of the priors (movq.data.conditions makes them, movq.models.condition encodes them).
+ConditionKind = Literal["edges", "segmentation", "lowres"]
+CONDITION_KINDS = typing.get_args(ConditionKind)
+
+
+@dataclass
+class ConditionConfig:
+    """An image condition of a prior (``model.condition``; null = none): what it is and how it is encoded.
+
+    ``edges``: Canny edges (the union over R, G, B), 1 channel {0, 1} at the image size. ``segmentation``: a label
+    map of ``num_classes`` classes at the image size, one-hot in the encoder. ``lowres``: the RGB image
+    box-downsampled by ``factor``. The trainer checks kind and parameters against the token folder's."""
+
+    kind: ConditionKind = "edges"
+    num_classes: int = 0  # segmentation: classes of the label map (0 … num_classes − 1); else 0
+    factor: int = 4  # lowres: the downsampling factor
+    sigma: float = 1.0  # edges: the Gaussian of skimage.feature.canny, in pixels at the image size
+    # The condition's (height, width) in training; null: set from the token folder by the trainer. Sampling
+    # resizes a condition of another size to it.
+    size: Optional[tuple[int, int]] = None
+    hidden: int = 64  # channels of the condition encoder's convolutions
+    # P(condition → the learned null condition) in training, for guidance and unconditional sampling. One draw
+    # per sample decides both this and class_dropout (dropped if u < rate), so with equal rates class and
+    # condition are dropped together: the null branch of guidance (both dropped) is what training saw.
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    @property
+    def channels(self) -> int:
+        """Channels of the stored condition (uint8 ``[channels, H, W]``): 3 for lowres, else 1."""
+        return 3 if self.kind == "lowres" else 1
+
+    def check(self) -> None:
+        _require(
+            "ConditionConfig",
+            (self.kind in CONDITION_KINDS, "kind", f"must be one of {list(CONDITION_KINDS)}, got {self.kind!r}"),
+            (self.kind != "segmentation" or self.num_classes >= 2, "num_classes",
+             f"must be ≥ 2 for a segmentation condition, got {self.num_classes}"),
+            (self.kind == "segmentation" or self.num_classes == 0, "num_classes",
+             f"is for segmentation conditions only (0 for {self.kind}), got {self.num_classes}"),
+            _at_least(self, "factor", 1),
+            (self.sigma > 0, "sigma", f"must be > 0, got {self.sigma}"),
+            (self.size is None or min(self.size) >= 1, "size", f"must be positive or null, got {self.size}"),
+            _at_least(self, "hidden", 1),
+            (0 <= self.dropout <= 1, "dropout", f"must lie in [0, 1], got {self.dropout}"),
+        )
+
+    def params(self) -> dict:
+        """How the condition is made from an image: what a token folder's condition must match."""
+        extra = {"edges": {"sigma": self.sigma}, "lowres": {"factor": self.factor},
+                 "segmentation": {"num_classes": self.num_classes}}[self.kind]
+        return {"kind": self.kind, **extra}
+
+
 def _prior_transformer_checks(cfg) -> list[tuple[bool, str]]:
     """``(ok, message)`` for the fields both priors' transformers share (MaskGIT, autoregressive)."""
     h, w = cfg.grid_hw
@@ -376,6 +432,8 @@ class MaskGITConfig:
     min_mask_rate: float = 0.0
     mask_schedule: MaskSchedule = "cosine"
     gradient_checkpointing: bool = False
+    # An image condition, added to each cell's input embedding (movq.models.condition); null = none.
+    condition: Optional[ConditionConfig] = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -430,6 +488,9 @@ class AutoregressiveConfig:
     label_smoothing: float = 0.0  # taming: none; bits/token in the logs are always without it
     window: int = 0  # attention window in cells (each position sees the W cells before it); 0 = full
     gradient_checkpointing: bool = False
+    # An image condition, read as a prefix of h·w embeddings before the class token (movq.models.condition);
+    # null = none.
+    condition: Optional[ConditionConfig] = None
 
     def __post_init__(self) -> None:
         checks = [

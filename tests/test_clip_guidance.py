@@ -340,7 +340,40 @@ def test_starting_from_a_maskgit_sample(tmp_path, files, capsys):
                     "--out", tmp_path / "h", "--cpu")
     assert code == 2 and len(err) == 1 and "outside [0, 3)" in err[0]
     code, err = run(capsys, "--clip", files["clip"], "--prior", files["tok"], "--prompt", "a dog", "--out", tmp_path / "h")
-    assert code == 2 and len(err) == 1 and "not a MaskGIT prior" in err[0]
+    assert code == 2 and len(err) == 1 and "not a prior" in err[0]
+
+
+def test_starting_from_an_autoregressive_sample(tmp_path, files, capsys):
+    """--prior reads either prior by the class in its config.json; the start is that prior's sample."""
+    from movq.generation.sampler import load_prior, load_tokenizer_for, sample_prior
+    from movq.models.autoregressive import AutoregressivePrior
+
+    cfg = load_config(PriorConfig, {
+        "kind": "autoregressive",
+        "model": {"codebook_size": 16, "channels": 2, "grid": 8, "num_classes": 3, "width": 32, "depth": 1, "heads": 2,
+                  "factorization": "cell"},
+        "data": {"tokenizer": str(files["tok"])}, "sample": {"top_k": 4}})
+    torch.manual_seed(0)
+    prior = tmp_path / "ar"
+    AutoregressivePrior(cfg.model).save_pretrained(prior)
+    save_sampling_defaults(prior, SamplingDefaults(cfg.sample, cfg.data.tokenizer))
+    code, err = run(capsys, "--clip", files["clip"], "--prior", prior, "--prior-class", 2, "--prompt", "a dog",
+                    "--out", tmp_path / "g", "--steps", 1, "--cutn", 2, "--seed", 3, "--cpu")
+    assert code == 0, err
+    info = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert info["start"]["prior_kind"] == "autoregressive" and info["start"]["prior_class"] == 2
+    # the start is the autoregressive prior's own sample with the seed's generator (its defaults: top-k 4)
+    model, defaults = load_prior(prior)
+    tokens = sample_prior(model, torch.tensor([2]), defaults.sample, num_samples=1,
+                          generator=torch.Generator().manual_seed(3))
+    tok = load_tokenizer_for(model, files["tok"], "cpu")
+    from movq.generation.clip_guidance import latent_from_tokens, synthesize
+
+    with torch.no_grad():
+        start, _ = synthesize(tok, latent_from_tokens(tok, tokens))  # [1, 3, 16, 16] in [0, 1]
+    expected = (start[0] * 255).round().clamp(0, 255).permute(1, 2, 0).numpy()
+    first_frame = np.asarray(Image.open(tmp_path / "g" / "progress.png").convert("RGB"))[2:18, 2:18]
+    assert info["size"] == [16, 16] and np.abs(first_frame.astype(float) - expected).max() <= 1
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, files, capsys):

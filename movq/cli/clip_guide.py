@@ -11,8 +11,9 @@ merges.txt or tokenizer.json), downloaded by hand, e.g. openai/clip-vit-base-pat
 (see movq.models.clip). Needs ``pip install 'movq[clip]'``.
 
 The start is random codes (the recipe's), ``--init-image`` (centre-cropped to the aspect of ``--size``, resized and
-encoded) or ``--prior`` (one MaskGIT sample, its tokens' codes; the prior's tokenizer unless ``--tokenizer``).
-The autoregressive prior is not read yet: ``load_prior`` loads MaskGIT priors only.
+encoded) or ``--prior`` (one sample of a MaskGIT or autoregressive prior, by the class its config.json names, drawn
+with its sampling defaults; its tokens' codes; the prior's tokenizer unless ``--tokenizer``). An image-conditional
+prior is sampled with its null condition.
 
 Writes OUT/image.png (the result: its tokens decoded), OUT/progress.png (the image after 0, N, 2N, ... steps,
 left to right; N = --save-every), OUT/tokens.npy (uint16 [C, h, w]; int32 past 65536 codes) and OUT/run.json (prompts with the CLIP
@@ -22,6 +23,7 @@ the start, the cut-outs, the augmentations and the noise: on CPU a rerun is iden
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -79,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="MoVQ run, checkpoint or model folder (default with --prior: the prior's)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init-image", metavar="FILE", help="start from this image (encoded by the tokenizer)")
-    start.add_argument("--prior", metavar="DIR", help="start from a sample of this MaskGIT prior")
+    start.add_argument("--prior", metavar="DIR", help="start from a sample of this prior (MaskGIT or autoregressive)")
     p.add_argument("--prior-class", type=int, help="class of the prior's sample (default: the null class)")
     p.add_argument("--size", type=parse_size, help="S or WxH in pixels, multiples of the tokenizer's factor "
                                                    "(default: its training resolution; with --prior its grid)")
@@ -158,10 +160,12 @@ def _start(args, device, generator: torch.Generator):
     from movq.models.autoencoder import MoVQ
 
     if args.prior:
-        from movq.generation.maskgit import generate
-        from movq.generation.sampler import load_prior, load_tokenizer_for
+        from movq.generation.sampler import load_prior, load_tokenizer_for, prior_kind, resolve_prior_dir, sample_prior
 
-        prior_dir = _resolve("--prior", args.prior, "MaskGIT")
+        try:
+            prior_dir = resolve_prior_dir(args.prior)
+        except (OSError, ValueError) as e:
+            raise GuideError(f"--prior {args.prior}: {e}") from None
         prior, defaults = load_prior(prior_dir, map_location=str(device))
         nc = prior.num_classes
         if args.prior_class is not None and not 0 <= args.prior_class < nc:
@@ -172,13 +176,14 @@ def _start(args, device, generator: torch.Generator):
             raise GuideError(f"--prior {args.prior} names no tokenizer: pass --tokenizer")
         tok_dir = _resolve("--tokenizer", tok_path, "MoVQ")
         tokenizer = load_tokenizer_for(prior, tok_dir, device)
-        s = defaults.sample
+        kind = prior_kind(prior)
+        # the prior's own sampling settings, unguided (a start, not a final sample; the null class has no guidance)
+        s = dataclasses.replace(defaults.sample, cfg_scale=1.0,
+                                cfg_schedule="constant" if kind == "autoregressive" else defaults.sample.cfg_schedule)
         labels = None if args.prior_class is None else torch.tensor([args.prior_class], device=device)
-        with torch.no_grad():
-            tokens = generate(prior, labels, num_samples=1, generator=generator, steps=s.steps,
-                              temperature=s.temperature, choice_temperature=s.choice_temperature,
-                              schedule=prior.config.mask_schedule)
-        start = {"kind": "prior", "prior": str(prior_dir), "prior_class": args.prior_class, "prior_steps": s.steps}
+        tokens = sample_prior(prior, labels, s, num_samples=1, generator=generator)
+        start = {"kind": "prior", "prior": str(prior_dir), "prior_kind": kind, "prior_class": args.prior_class,
+                 "prior_steps": s.steps if kind == "maskgit" else None}
         return tokenizer, tok_dir, latent_from_tokens(tokenizer, tokens), start
 
     tok_dir = _resolve("--tokenizer", args.tokenizer, "MoVQ")

@@ -8,6 +8,8 @@ a KV cache), then decode them with the MoVQ decoder.
         [--size H W | --cells H W] [--overlap N] [--tokenizer TOK] [--grid] [--steps-strip]
     python tools/sample.py --checkpoint runs/tiny/maskgit --num-samples 8 --out edits/ \
         --edit photo.jpg --box 16,16,48,48 [--outpaint]
+    python tools/sample.py --checkpoint PRIOR --num-samples 8 --out cond/ \
+        --condition edges|segmentation|lowres --condition-image FILE
 
 CKPT is a run folder (newest checkpoint), a checkpoint folder (its ema/, else model/) or a model
 folder of either prior; which one it is comes from its config.json. The tokenizer defaults to the one
@@ -37,6 +39,17 @@ are masked (``--outpaint``: every cell not inside the box), and the prior fills 
 ``--num-samples`` variations; ``OUT/edit.png`` shows the image, its reconstruction by the tokenizer,
 the masked reconstruction, and below them the results. The autoregressive prior cannot fill a box
 (a token sees only the tokens before it in raster order), so it takes no ``--edit``.
+
+Image conditions (a prior trained with ``model.condition``, either kind; ``--condition`` must name its kind):
+the condition is made from ``--condition-image`` as in training (movq/data/conditions.py): ``edges``: Canny
+edges of FILE, or FILE itself when it already is a black-and-white line drawing (a sketch); ``segmentation``:
+FILE is a label PNG (palette index or grey value = class id); ``lowres``: FILE is the small image and the
+samples are factor× its size (super-resolution in one command). A FILE of another size than the training
+condition's is resized to it (nearest for label maps and line drawings), with a log line. Writes
+``OUT/condition.png`` (the condition), the samples, and ``OUT/strip.png`` (the condition, at the samples'
+size, then up to 8 samples, side by side). Classes default to the null class (as for edits); classifier-free
+guidance (``--cfg-scale``) then guides towards the condition alone (its unconditional branch drops class and
+condition together).
 """
 from __future__ import annotations
 
@@ -59,6 +72,7 @@ log = logging.getLogger("sample")
 
 GRID_MAX = 64  # images in --grid
 STRIP_ROWS = 4  # samples in --steps-strip
+STRIP_SAMPLES = 8  # samples beside the condition in strip.png
 SPEC_NAME = ".sample_spec.json"
 
 
@@ -105,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--edit", metavar="IMAGE", help="inpaint (or outpaint) this image")
     p.add_argument("--box", type=parse_box, help="x0,y0,x1,y1 in pixels of IMAGE (with --edit)")
     p.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
+    p.add_argument("--condition", choices=["edges", "segmentation", "lowres"],
+                   help="the image condition of a conditional prior (with --condition-image)")
+    p.add_argument("--condition-image", metavar="FILE",
+                   help="the picture the condition is made from (edges: any image or a line drawing; "
+                        "segmentation: a label PNG; lowres: the small image)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace samples in OUT made with other settings or another checkpoint (else refused)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
@@ -129,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--edit and --box go together")
     if args.outpaint and not args.edit:
         p.error("--outpaint needs --edit and --box")
+    if bool(args.condition) != bool(args.condition_image):
+        p.error("--condition and --condition-image go together")
+    if args.condition and (args.edit or args.size or args.cells):
+        p.error("--condition samples at the training size and does not edit: leave out --edit / --size / --cells")
     problem = output_problem(args.out, folder=True)
     if problem:
         p.error(f"--out: {problem}")
@@ -143,9 +166,44 @@ def _label_rule(args, num_classes: int) -> str:
     """How samples get class labels: "null" (unconditional), "cycle" (index mod num_classes) or "class K"."""
     if args.class_label is not None:
         return f"class {args.class_label}"
-    if num_classes == 0 or (args.edit and args.classes is None):
+    if num_classes == 0 or ((args.edit or args.condition) and args.classes is None):
         return "null"
     return "cycle"
+
+
+def _condition_source(args, model, device):
+    """(condition uint8 [1, ch, H', W'] on ``device``, how it was made) from ``--condition-image``, checked
+    against the prior's condition; a ``SampleError`` for a prior without one, or with another kind."""
+    from movq.data.conditions import ConditionError, condition_from_picture, read_label_map
+    from movq.data.decode import SkipSample, decode_image
+
+    cc = model.config.condition
+    if cc is None and args.condition:
+        raise SampleError(f"--condition {args.condition}: the prior has no image condition (its model.condition is null)")
+    if cc is not None and not args.condition:
+        raise SampleError(f"the prior is conditioned on {cc.kind}: pass --condition {cc.kind} --condition-image FILE")
+    if cc is None:
+        return None, None
+    if args.condition != cc.kind:
+        raise SampleError(f"--condition {args.condition}: the prior is conditioned on {cc.kind}")
+    if cc.size is None:
+        raise SampleError("the prior's model.condition.size is unknown (set when it is trained on a token folder)")
+    path = Path(args.condition_image)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SampleError(f"--condition-image {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        if cc.kind == "segmentation":
+            picture = read_label_map(data, str(path))
+        else:
+            img, _ = decode_image(data)
+            picture = np.asarray(img, dtype=np.uint8)
+        cond, how = condition_from_picture(cc, picture, tuple(cc.size))
+    except (ConditionError, SkipSample) as e:
+        raise SampleError(f"--condition-image {path}: {e}") from None
+    log.info("condition (%s) from %s: %s, %d×%d", cc.kind, path, how, cond.shape[-1], cond.shape[-2])
+    return torch.from_numpy(cond)[None].to(device), how
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
@@ -245,7 +303,8 @@ def _prepare_out(out: Path, spec: dict, overwrite: bool) -> Optional[str]:
             what = ", ".join(sorted(k for k in set(old or {}) | set(spec) if (old or {}).get(k) != spec.get(k)))
             return (f"{out} holds samples made with other settings ({what} differ); "
                     "pass --overwrite to replace them, or use a new folder")
-        extras = ("samples.npz", "sampling.json", "grid.png", "steps.png", "edit.png", "edit_source.npz")
+        extras = ("samples.npz", "sampling.json", "grid.png", "steps.png", "edit.png", "edit_source.npz",
+                  "condition.png", "strip.png")
         for stale in existing + [out / name for name in extras] + list(out.glob("tokens/*.npy")):
             stale.unlink(missing_ok=True)
     atomic_write(path, json.dumps(spec, indent=1))
@@ -300,6 +359,7 @@ def main(argv=None) -> int:
         if args.steps_strip and large:
             raise SampleError("--steps-strip shows the sampler at the training size: leave out --size / --cells")
         edit = _edit_source(args, tokenizer, model.config.grid_hw, dev) if args.edit else None
+        condition, condition_how = _condition_source(args, model, dev)
     except (SampleError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -308,7 +368,7 @@ def main(argv=None) -> int:
     settings = with_sample_overrides(defaults.sample, steps=args.steps, temperature=args.temperature,
                                      choice_temperature=args.choice_temperature, cfg_scale=args.cfg_scale,
                                      cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p)
-    if rule == "null":
+    if rule == "null" and condition is None:
         settings = with_sample_overrides(settings, cfg_scale=1.0)
     if kind == "maskgit":
         opts = dict(steps=settings.steps, temperature=settings.temperature,
@@ -328,6 +388,8 @@ def main(argv=None) -> int:
                 "batch_size": args.batch_size, "labels": rule, "kind": kind, "grid": list(grid), "overlap": overlap,
                 "bf16": args.bf16, "save_tokens": args.save_tokens, "device": dev.type, **opts, **guidance,
                 "edit_sha256": sha256_file(args.edit) if args.edit else None, "box": args.box, "outpaint": args.outpaint}
+        if condition is not None:  # only when set: folders sampled before the option still resume
+            spec.update(condition=args.condition, condition_sha256=sha256_file(args.condition_image))
         trained_on = defaults.tokenizer_sha256
         if trained_on and trained_on != spec["tokenizer_sha256"]:
             print(f"warning: the prior learned tokens of another tokenizer ({defaults.tokenizer}, sha256 "
@@ -348,7 +410,7 @@ def main(argv=None) -> int:
                 return generate(model, labels, num_samples=len(index), generator=g, return_history=history,
                                 tokens=edit[1].expand(len(index), -1, -1, -1), known_mask=edit[2], **guidance, **opts)
             return sample_prior(model, labels, settings, num_samples=len(index), generator=g,
-                                grid=grid, overlap=overlap, return_history=history)
+                                grid=grid, overlap=overlap, return_history=history, condition=condition)
 
     def to_images(tokens: torch.Tensor) -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -420,12 +482,20 @@ def main(argv=None) -> int:
         first = torch.cat([source, recon, shade_cells(recon, known[None].cpu())])
         save_grid([first, *rows_of(results, 8)], out / "edit.png")
         np.savez(out / "edit_source.npz", tokens=tokens[0].cpu().numpy().astype(np.uint16), known=known.cpu().numpy())
+    if condition is not None:
+        from movq.data.conditions import condition_pictures
+
+        cc = model.config.condition
+        save_grid([condition_pictures(cc, condition)], out / "condition.png", pad=0)
+        shown = images_from_uint8(torch.from_numpy(arrays[:STRIP_SAMPLES]))
+        save_grid([torch.cat([condition_pictures(cc, condition, tuple(shown.shape[-2:])), shown])], out / "strip.png")
     info = {"num_samples": n, "generated_now": made_all, "seconds": seconds, "processes": world,
             "images_per_s": made_all / seconds if made_all and seconds > 0 else None, "device": str(dev),
             "checkpoint": str(args.checkpoint), "kind": kind, "tokenizer": str(tok_path), "seed": args.seed,
             "grid": list(grid), "image_size": list(arrays.shape[1:3]), "overlap": overlap, **opts, **guidance,
             "labels": rule, "num_classes": nc, "classes": defaults.classes, "edit": args.edit, "box": args.box,
-            "outpaint": args.outpaint}
+            "outpaint": args.outpaint, "condition": args.condition, "condition_image": args.condition_image,
+            "condition_made": condition_how}
     atomic_write(out / "sampling.json", json.dumps(info, indent=1))
     rate = f"{made_all / seconds:.1f} images/s" if made_all and seconds > 0 else "nothing new to sample"
     print(f"{n} samples in {out} (samples.npz: {arrays.shape}); {made_all} generated in {seconds:.1f} s, {rate}")

@@ -2,6 +2,8 @@
 
     accelerate launch tools/tokenize_dataset.py --tokenizer CKPT DATA OUT [--batch-size N]
         [--image-size S] [--source folder|shards|builtin|shapes] [--shard-size 1000] [--no-labels] [--flip]
+        [--condition edges|segmentation|lowres [--segmentation-dir DIR] [--condition-classes N]
+         [--condition-factor 4] [--condition-sigma 1]]
     python tools/tokenize_dataset.py --tokenizer runs/tiny builtin runs/tiny/tokens
 
 CKPT is a tokenizer model folder (model.safetensors + config.json), a checkpoint folder (its ema/ is
@@ -23,6 +25,13 @@ Input shards are read against their manifest (sha256 first, then the sample coun
 a damaged shard cannot give counts as skipped by reason (``shard_checksum``, ``shard_unreadable``,
 ``shard_truncated``; shards the manifest lists but the folder lacks as ``shard_missing``),
 or with ``--on-bad-shard error`` stops the run with the shard named (the shards finished so far stay).
+
+``--condition`` stores an image condition beside each sample's tokens (``KEY.cond.npy``, uint8; kind,
+parameters and shape in the manifest), made from the same decoded image (movq/data/conditions.py): ``edges``
+(Canny, ``--condition-sigma``), ``lowres`` (box downsample by ``--condition-factor``) or ``segmentation``
+(a label map of ``--condition-classes`` classes: for an image folder the PNG of the same name in
+``--segmentation-dir``, for shards each sample's ``seg.png``, for ``shapes`` the shape's mask, 1 + 8 classes).
+A missing label map, or one with ids ≥ N, stops the run with the file named.
 """
 from __future__ import annotations
 
@@ -38,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from movq.cli import setup_logging
+from movq.config import CONDITION_KINDS, ConditionConfig
+from movq.data.conditions import ConditionError, condition_size
 from movq.data.decode import SkipSample
 from movq.data.tokenize import SOURCES, UnreadableShard, detect_source, encode_chunk, plan_inputs
 from movq.data.tokens import (
@@ -72,6 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each sample's .cls or .json")
     p.add_argument("--flip", action="store_true",
                    help="also encode each image mirrored left to right (KEY_flip; doubles the token samples)")
+    p.add_argument("--condition", choices=CONDITION_KINDS, help="also store this image condition of each sample")
+    p.add_argument("--segmentation-dir", metavar="DIR",
+                   help="--condition segmentation of an image folder: label PNGs named as the images")
+    p.add_argument("--condition-classes", type=int, metavar="N",
+                   help="--condition segmentation: classes of the label maps (default for shapes: 9, background + 8)")
+    p.add_argument("--condition-factor", type=int, default=4, help="--condition lowres: the downsampling factor")
+    p.add_argument("--condition-sigma", type=float, default=1.0, help="--condition edges: Canny's Gaussian, pixels")
     p.add_argument("--cache-dir", help="builtin dataset cache (default $MOVQ_CACHE_DIR or ~/.cache/movq)")
     p.add_argument("--builtin-size", type=int,
                    help="images in the builtin or shapes training split (default 2048)")
@@ -87,13 +105,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--image-size must be >= 1")
     if args.num_classes is not None and args.num_classes < 1:
         p.error("--num-classes must be >= 1")
+    cond_flags = [f for f in ("segmentation_dir", "condition_classes") if getattr(args, f) is not None]
+    if cond_flags and args.condition != "segmentation":
+        p.error(f"--{cond_flags[0].replace('_', '-')} goes with --condition segmentation")
+    if args.condition == "segmentation" and args.condition_classes is None:
+        if args.data != "shapes":
+            p.error("--condition segmentation needs --condition-classes N (the label maps' classes)")
+        args.condition_classes = 9  # background + the 8 shapes
+    if args.condition_factor < 1 or args.condition_sigma <= 0:
+        p.error("--condition-factor must be >= 1 and --condition-sigma > 0")
     return args
+
+
+def condition_config(args) -> ConditionConfig:
+    """The ``ConditionConfig`` the flags describe (raises ``ValueError`` for bad values)."""
+    return ConditionConfig(kind=args.condition, num_classes=args.condition_classes or 0,
+                           factor=args.condition_factor, sigma=args.condition_sigma)
 
 
 
 def _message(e: Exception) -> str:
     """Our own errors already name the file; others get their type prepended."""
-    if isinstance(e, (FileNotFoundError, TokenDataError, SkipSample, UnreadableShard)):
+    if isinstance(e, (FileNotFoundError, TokenDataError, SkipSample, UnreadableShard, ConditionError)):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -110,7 +143,7 @@ def main(argv=None) -> int:
     rank, world = acc.process_index, acc.num_processes
     plan_kw = dict(shard_size=args.shard_size, cache_dir=args.cache_dir, labels=False if args.no_labels else None,
                    builtin_size=args.builtin_size, num_classes=args.num_classes)
-    error, plan = None, None
+    error, plan, condition = None, None, None
     try:
         try:
             tok_dir = resolve_pretrained(args.tokenizer, kind="MoVQ")  # a local folder or a Hub repo id
@@ -122,6 +155,14 @@ def main(argv=None) -> int:
             raise TokenDataError(f"codebook of {q.codebook_size} codes does not fit uint16 tokens (max {MAX_CODEBOOK})")
         size = args.image_size or model.config.model.resolution
         source = args.source or detect_source(args.data)
+        condition = condition_config(args) if args.condition else None
+        if condition is not None and condition.kind == "lowres" and size % condition.factor:
+            raise ConditionError(f"--condition-factor {condition.factor} does not divide the image size {size}")
+        if condition is not None and condition.kind == "segmentation" and source == "builtin":
+            raise ConditionError("the builtin photo crops have no label maps: use shapes, a folder with "
+                                 "--segmentation-dir, or shards with seg.png")
+        if condition is not None and condition.kind == "segmentation" and source == "folder" and not args.segmentation_dir:
+            raise ConditionError("--condition segmentation of an image folder needs --segmentation-dir DIR")
         if acc.is_main_process:  # the builtin dataset is built once, before the other ranks look
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
         if plan is not None and plan.missing and args.on_bad_shard == "error":
@@ -135,6 +176,8 @@ def main(argv=None) -> int:
             plan = plan_inputs(source, args.data, image_size=size, **plan_kw)
         except (OSError, ValueError, ImportError) as e:
             error = _message(e)
+    if plan is not None:
+        plan.segmentation_dir = args.segmentation_dir
     if error is None and acc.is_main_process:
         h, w = (math.ceil(size / model.downsample_factor),) * 2
         spec = {
@@ -148,6 +191,11 @@ def main(argv=None) -> int:
         }
         if args.flip:  # only when set: folders made before the option still resume
             spec["augment"] = "flip"
+        if condition is not None:  # only when set, as --flip
+            spec["condition"] = {**condition.params(), "shape": [condition.channels, *condition_size(condition, size)]}
+            if condition.kind == "segmentation":
+                spec["condition"]["labels_from"] = ("shapes mask" if source == "shapes" else
+                                                    str(args.segmentation_dir) if source == "folder" else "seg.png")
         try:
             prepare_output(args.out, spec, overwrite=args.overwrite)
         except (OSError, TokenDataError) as e:
@@ -175,10 +223,11 @@ def main(argv=None) -> int:
             try:
                 samples, skipped, converted = encode_chunk(plan, chunk, model, size=size, batch_size=args.batch_size,
                                                            device=acc.device, pool=pool, bf16=args.bf16,
-                                                           on_bad_shard=args.on_bad_shard, flip=args.flip)
+                                                           on_bad_shard=args.on_bad_shard, flip=args.flip,
+                                                           condition=condition)
                 if chunk.index == 0 and plan.missing:  # counted once, with the first shard
                     skipped["shard_missing"] += sum(plan.missing.values())
-            except UnreadableShard as e:  # the shards finished so far stay: a rerun resumes after a fix
+            except (UnreadableShard, ConditionError, ImportError) as e:  # the shards finished so far stay: a rerun resumes after a fix
                 if progress is not None:
                     progress.close()
                 print(f"error: {_message(e)}", file=sys.stderr)

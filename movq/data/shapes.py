@@ -164,6 +164,19 @@ def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
 
 def render_shape(index: int, size: int = 64, seed: int = 0, split: str = "train") -> tuple[np.ndarray, int, dict]:
     """Image ``index`` of a split: ``(uint8 [size, size, 3], label, what was drawn)``."""
+    img, label, info, _ = _render(index, size, seed, split)
+    return img, label, info
+
+
+def shape_label_map(index: int, size: int = 64, seed: int = 0, split: str = "train") -> np.ndarray:
+    """The segmentation of image ``index`` (same generator, so it matches the pixels): ``uint8 [size, size]``,
+    0 = background, 1 + class = the shape (pixels it covers at least half of): 1 + 8 classes."""
+    _, label, _, mask = _render(index, size, seed, split)
+    return np.where(mask >= 0.5, 1 + label, 0).astype(np.uint8)
+
+
+def _render(index: int, size: int, seed: int, split: str) -> tuple[np.ndarray, int, dict, np.ndarray]:
+    """:func:`render_shape` plus the shape's coverage mask ``float32 [size, size]``."""
     if split not in _SPLIT_TAGS:
         raise ValueError(f"split must be one of {list(_SPLIT_TAGS)}, got {split!r}")
     if size < 8:
@@ -187,7 +200,7 @@ def render_shape(index: int, size: int = 64, seed: int = 0, split: str = "train"
     img = bg + mask[..., None] * (colour - bg)
     info = {"kind": kind, "colour": colour.round().astype(int).tolist(), "radius": round(r, 2),
             "centre": centre.round(2).tolist(), "angle": round(angle, 4), "background": bg_info, **extra}
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), label, info
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), label, info, mask
 
 
 def render_shapes(n: int, size: int = 64, seed: int = 0, split: str = "train",
@@ -257,4 +270,5 @@ def shapes_dataset(cfg: DataConfig) -> dict[str, Path]:
     return {split: shapes_split(cfg, split) for split in _SPLIT_TAGS}
 
 
-__all__ = ["SHAPE_CLASSES", "BACKGROUNDS", "render_shape", "render_shapes", "shapes_dataset", "shapes_split"]
+__all__ = ["SHAPE_CLASSES", "BACKGROUNDS", "render_shape", "render_shapes", "shape_label_map", "shapes_dataset",
+           "shapes_split"]

@@ -13,7 +13,10 @@ Layout of a token folder (written by ``tools/tokenize_dataset.py``)::
     OUT/.parts/                spec.json (what the folder was made with) + one JSON per finished shard
 
 A sample is ``{key}.tokens.npy`` (``np.save`` of ``uint16 [C, h, w]``, read back with
-``allow_pickle=False``) and, for labelled data, ``{key}.cls`` (the class index as text).
+``allow_pickle=False``) and, for labelled data, ``{key}.cls`` (the class index as text). A folder made
+with an image condition (``--condition``, :mod:`movq.data.conditions`) also holds ``{key}.cond.npy``
+(``uint8 [channels, H', W']``, made from the same decoded image as the tokens); the manifest's
+``condition`` says its kind, parameters and shape.
 Chunk j is encoded by rank ``j % world_size``; a shard is written under a temporary name and renamed
 when complete, so a rerun skips finished shards whatever the number of ranks.
 
@@ -46,6 +49,7 @@ PARTS_DIR = ".parts"
 SHARD_PREFIX = "tokens"
 TOKENS_EXT = "tokens.npy"
 LABEL_EXT = "cls"
+CONDITION_EXT = "cond.npy"
 MAX_CODEBOOK = 2**16  # tokens are stored as uint16
 
 
@@ -84,23 +88,45 @@ def sanitize_key(key: str) -> str:
     return f"{head}/{base}" if head else base
 
 
-def write_token_shard(path: Union[str, os.PathLike], samples: Sequence[tuple[str, np.ndarray, int]]) -> dict:
-    """Write ``(key, uint16 [C, h, w], label)`` samples (label < 0: none) to one tar, atomically
-    (:class:`movq.data.shards.TarShard`: equal tokens give byte-identical shards). Returns the manifest
-    entry ``{name, count, sha256}``."""
+def condition_to_npy(condition: np.ndarray) -> bytes:
+    """``uint8 [channels, H', W']`` → ``.npy`` bytes."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(condition, dtype=np.uint8), allow_pickle=False)
+    return buf.getvalue()
+
+
+def condition_from_npy(data: bytes, shape: Sequence[int], where: str) -> np.ndarray:
+    """``.npy`` bytes → ``uint8 [channels, H', W']``, checked against ``shape``."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise TokenDataError(f"{where}: the condition is not a readable .npy array ({e})") from None
+    if arr.dtype != np.uint8 or arr.shape != tuple(shape):
+        raise TokenDataError(f"{where}: the condition is {arr.dtype} {arr.shape}, expected uint8 {tuple(shape)}")
+    return arr
+
+
+def write_token_shard(path: Union[str, os.PathLike], samples: Sequence[tuple]) -> dict:
+    """Write ``(key, uint16 [C, h, w], label)`` samples (label < 0: none), or ``(key, tokens, label,
+    condition uint8 [ch, H', W'])``, to one tar, atomically (:class:`movq.data.shards.TarShard`: equal tokens
+    give byte-identical shards). Returns the manifest entry ``{name, count, sha256}``."""
     with TarShard(path) as shard:
-        for key, tokens, label in samples:
+        for key, tokens, label, *rest in samples:
             members = {TOKENS_EXT: tokens_to_npy(tokens)}
             if label >= 0:
                 members[LABEL_EXT] = str(int(label)).encode()
+            if rest and rest[0] is not None:
+                members[CONDITION_EXT] = condition_to_npy(rest[0])
             shard.add(key, members)
     return shard.entry
 
 
 def read_token_shard(
-    path: Union[str, os.PathLike], shape: Sequence[int], codebook_size: int, sha256: Optional[str] = None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Read a token shard: ``(keys, tokens uint16 [n, C, h, w], labels int64 [n])``, label -1 if none."""
+    path: Union[str, os.PathLike], shape: Sequence[int], codebook_size: int, sha256: Optional[str] = None,
+    condition_shape: Optional[Sequence[int]] = None,
+) -> tuple:
+    """Read a token shard: ``(keys, tokens uint16 [n, C, h, w], labels int64 [n])``, label -1 if none; with
+    ``condition_shape`` also the conditions ``uint8 [n, *condition_shape]`` (every sample must have one)."""
     path = Path(path)
     if not path.is_file():
         raise TokenDataError(f"token shard {path} is missing (listed in the manifest)")
@@ -109,13 +135,18 @@ def read_token_shard(
             f"token shard {path} does not match the sha256 in the manifest (damaged or rewritten); "
             "delete it and its .parts/ entry, then rerun tools/tokenize_dataset.py"
         )
-    keys, tokens, labels = [], [], []
+    keys, tokens, labels, conditions = [], [], [], []
     try:
         for key, members in iter_tar(str(path)):
             where = f"{path}:{key}"
             if TOKENS_EXT not in members:
                 raise TokenDataError(f"{where}: no .{TOKENS_EXT} member (has {sorted(members)})")
             tokens.append(tokens_from_npy(members[TOKENS_EXT], shape, codebook_size, where))
+            if condition_shape is not None:
+                if CONDITION_EXT not in members:
+                    raise TokenDataError(f"{where}: no .{CONDITION_EXT} member, but the manifest says the folder "
+                                         "holds conditions")
+                conditions.append(condition_from_npy(members[CONDITION_EXT], condition_shape, where))
             label = -1
             if LABEL_EXT in members:
                 try:
@@ -127,7 +158,10 @@ def read_token_shard(
     except (tarfile.TarError, OSError, EOFError) as e:
         raise TokenDataError(f"token shard {path} is unreadable ({type(e).__name__}: {e})") from None
     arr = np.stack(tokens) if tokens else np.zeros((0, *shape), np.uint16)
-    return keys, arr, np.asarray(labels, dtype=np.int64)
+    if condition_shape is None:
+        return keys, arr, np.asarray(labels, dtype=np.int64)
+    cond = np.stack(conditions) if conditions else np.zeros((0, *condition_shape), np.uint8)
+    return keys, arr, np.asarray(labels, dtype=np.int64), cond
 
 
 # --------------------------------------------------------------------------------------
@@ -164,7 +198,16 @@ def read_token_manifest(directory: Union[str, os.PathLike]) -> dict:
             raise TokenDataError(f"{path}: '{key}' is {m[key]!r}, not a positive integer")
     if not isinstance(m["classes"], list):
         raise TokenDataError(f"{path}: 'classes' must be a list of class names, got {m['classes']!r}")
+    cond = m.get("condition")
+    if cond is not None and not (isinstance(cond, dict) and isinstance(cond.get("kind"), str)
+                                 and isinstance(cond.get("shape"), list) and len(cond["shape"]) == 3):
+        raise TokenDataError(f"{path}: 'condition' must be {{kind, shape [channels, H, W], ...}} or absent, got {cond!r}")
     return m
+
+
+def manifest_condition(manifest: dict) -> Optional[dict]:
+    """The condition a token folder holds (``{kind, shape, and its parameters}``), or None."""
+    return manifest.get("condition")
 
 
 def write_token_manifest(directory: Union[str, os.PathLike], num_chunks: int) -> dict:
@@ -267,18 +310,23 @@ class TokenDataset:
         self.rank, self.world_size = rank, world_size
         total = sum(int(s["count"]) for s in m["shards"])
         lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-        tokens, labels, start = [], [], 0
+        cond_info = manifest_condition(m)
+        self.condition_shape = tuple(cond_info["shape"]) if cond_info else None
+        tokens, labels, conds, start = [], [], [], 0
         for s in m["shards"]:
             first, start = start, start + int(s["count"])
             if start <= lo or first >= hi or start == first:  # not in this rank's range, or empty
                 continue
-            _, t, lab = read_token_shard(self.directory / s["name"], self.shape, self.codebook_size,
-                                         s["sha256"] if verify else None)
+            got = read_token_shard(self.directory / s["name"], self.shape, self.codebook_size,
+                                   s["sha256"] if verify else None, self.condition_shape)
+            t, lab = got[1], got[2]
             if len(t) != int(s["count"]):
                 raise TokenDataError(f"{self.directory / s['name']}: {len(t)} samples, the manifest says {s['count']}")
             a, b = max(lo, first) - first, min(hi, start) - first
             tokens.append(t[a:b])
             labels.append(lab[a:b])
+            if self.condition_shape is not None:
+                conds.append(got[3][a:b])
         tok = np.concatenate(tokens) if tokens else np.zeros((0, *self.shape), np.uint16)
         lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         if len(tok) == 0:
@@ -287,15 +335,21 @@ class TokenDataset:
             raise TokenDataError(f"{directory}: labels outside [0, {len(self.classes)}) or missing in a labelled folder")
         self.array = np.ascontiguousarray(tok)  # uint16 [N, C, h, w]: a quarter of int64's memory
         self.labels = torch.from_numpy(lab)  # [N], -1 = unlabelled
+        # uint8 [N, ch, H', W'] or None: the image condition of each sample
+        self.conditions = np.ascontiguousarray(np.concatenate(conds)) if self.condition_shape is not None else None
 
     def __len__(self) -> int:
         return len(self.array)
 
     def take(self, index) -> dict:
-        """``{"tokens": int64 [B, C, h, w], "label": int64 [B]}`` for an index array or slice."""
+        """``{"tokens": int64 [B, C, h, w], "label": int64 [B]}`` for an index array or slice, and
+        ``"condition": uint8 [B, ch, H', W']`` for a folder with conditions."""
         index = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
-        return {"tokens": torch.from_numpy(self.array[index].astype(np.int64)),
-                "label": self.labels[torch.from_numpy(index)]}
+        batch = {"tokens": torch.from_numpy(self.array[index].astype(np.int64)),
+                 "label": self.labels[torch.from_numpy(index)]}
+        if self.conditions is not None:
+            batch["condition"] = torch.from_numpy(np.ascontiguousarray(self.conditions[index]))
+        return batch
 
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[dict]:

@@ -11,7 +11,9 @@ Both samplers are pure functions of the model, the labels and an explicit ``torc
 every random draw is one ``U[0, 1)`` tensor of ``[B, K]`` per token, in raster order (cells, then
 channels), turned into a sample by the Gumbel-max trick. Guidance runs the conditional and the
 null-class sequences as one doubled batch and samples from
-``uncond + scale · (cond − uncond)`` (scale 1: the conditional model alone, no second pass).
+``uncond + scale · (cond − uncond)`` (scale 1: the conditional model alone, no second pass). For a prior
+with an image condition the unconditional sequences drop class and condition together (the null class and
+the learned null condition), so guidance strengthens both.
 
 Tokens come out as ``int64 [B, C, H, W]``.
 """
@@ -106,8 +108,10 @@ def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
 # --------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------
-def _setup(model, labels: Optional[Tensor], num_samples: Optional[int], cfg_scale: float):
-    """(conditional labels [B], the batch the model runs: [B] or [2B] with the null half)."""
+def _setup(model, labels: Optional[Tensor], num_samples: Optional[int], cfg_scale: float,
+           condition: Optional[Tensor] = None):
+    """(conditional labels [B], the labels the model runs: [B] or [2B] with the null half, the conditions it
+    runs (None: the null condition) and which of them are dropped to the null condition)."""
     if labels is None and num_samples is None:
         raise ValueError("give labels or num_samples to set the batch size")
     n = labels.shape[0] if labels is not None and labels.ndim >= 1 else num_samples
@@ -117,14 +121,30 @@ def _setup(model, labels: Optional[Tensor], num_samples: Optional[int], cfg_scal
         raise ValueError(f"num_samples={num_samples} but {n} labels were given")
     device = next(model.parameters()).device
     labels = model.check_labels(labels, n, device)
+    condition = _condition_batch(model, condition, n, device)
     if cfg_scale != 1.0:
-        if model.num_classes == 0 or (labels == model.null_class).all():
+        if condition is None and (model.num_classes == 0 or (labels == model.null_class).all()):
             raise ValueError(
-                f"classifier-free guidance (scale {cfg_scale}) needs a class-conditional model and labels; "
-                "use cfg_scale=1 for an unconditional model"
+                f"classifier-free guidance (scale {cfg_scale}) needs a class-conditional model and labels, or a "
+                "condition; use cfg_scale=1 for an unconditional model"
             )
-        return labels, torch.cat([labels, torch.full_like(labels, model.null_class)])
-    return labels, labels
+        run_cond, drop = None, None
+        if condition is not None:
+            run_cond = torch.cat([condition, condition])
+            drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(device)
+        return labels, torch.cat([labels, torch.full_like(labels, model.null_class)]), run_cond, drop
+    return labels, labels, condition, None
+
+
+def _condition_batch(model, condition: Optional[Tensor], n: int, device) -> Optional[Tensor]:
+    """``condition`` on ``device`` with ``n`` rows (one row is repeated), or an error for a model without one."""
+    if condition is None:
+        return None
+    if getattr(model, "condition", None) is None:
+        raise ValueError("a condition was given but the prior has none (its config.condition is null)")
+    if condition.ndim == 4 and condition.shape[0] == 1 and n > 1:
+        condition = condition.expand(n, -1, -1, -1)
+    return condition.to(device)
 
 
 def _emit(model, hidden: Tensor, n: int, cfg_scale: float, generator, sampling: dict) -> tuple[Tensor, Tensor]:
@@ -176,6 +196,7 @@ def sample(
     prompt_cells: int = 0,
     return_history: bool = False,
     history_steps: int = DEFAULT_HISTORY_STEPS,
+    condition: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, SampleHistory]]:
     """Sample ``int64 [B, C, h, w]`` tokens of the training grid, one sequence position per step
     with the KV cache (the window's ring: O(W) work and memory per token).
@@ -192,10 +213,12 @@ def sample(
             from ``prompt int [B, C, h, w]`` (read in one prefix pass) and the rest is sampled after
             them, e.g. ``prompt_cells = (h // 2) · w`` completes the bottom half of an image.
         return_history: also return a :class:`SampleHistory` of ``history_steps`` snapshots.
+        condition: ``uint8 [B or 1, ch, H', W']`` image conditions of a conditional prior (None: the null
+            condition, i.e. its unconditional model); read as the prefix of the sequence.
     """
     cfg = model.config
     sampling = _sampling_kwargs(temperature, top_k, top_p)
-    labels, run_labels = _setup(model, labels, num_samples, cfg_scale)
+    labels, run_labels, run_cond, drop = _setup(model, labels, num_samples, cfg_scale, condition)
     n, (h, w), u = labels.shape[0], cfg.grid_hw, cfg.unit_tokens
     device = labels.device
     cache = model.new_cache(run_labels.shape[0], device)
@@ -204,16 +227,19 @@ def sample(
     keep, states = _snapshots(h * w, history_steps) if return_history else set(), []
     start = _prompt_units(model, prompt, prompt_cells, n)
     prev, hidden = None, None
-    if start:
-        units[:, :start] = model.to_units(prompt.to(device).long())[:, :start]
+    # a conditional prior reads its condition prefix (and the class token after it) in one pass first
+    prefix = model.condition_prefix(run_cond, run_labels.shape[0], drop) if model.prefix_len else None
+    primed = bool(start) or prefix is not None
+    if primed:
+        units[:, :start] = model.to_units(prompt.to(device).long())[:, :start] if start else units[:, :0]
         given = units[:, :start] if run_labels.shape[0] == n else torch.cat([units[:, :start]] * 2)
-        hidden = model.prefill(model.sequence_inputs(run_labels, given), cache)[:, -1]  # position `start`
-        for _ in sorted(k for k in keep if k <= prompt_cells):  # snapshots inside the prompt: the prompt
+        hidden = model.prefill(model.sequence_inputs(run_labels, given, prefix), cache)[:, -1]  # position `start`
+        for _ in sorted(k for k in keep if k <= prompt_cells and start):  # snapshots inside the prompt: the prompt
             state = torch.full_like(units, UNSAMPLED)
             state[:, :start] = units[:, :start]
             states.append(model.from_units(state, h, w))
     for s in range(start, cfg.seq_len):
-        if s > start or not start:
+        if s > start or not primed:
             x = model.embed_step(s, run_labels, prev)
             hidden = model.step(x, s, cache)
         units[:, s], logps[:, s] = _emit(model, hidden, n, cfg_scale, generator, sampling)
@@ -291,8 +317,11 @@ def sample_large(
     if H < h or W < w:
         raise ValueError(f"sample_large: the grid ({H}, {W}) must be at least the training grid ({h}, {w}); "
                          "use sample() at the training size")
+    if getattr(model, "condition", None) is not None:
+        raise ValueError("sample_large: a prior with an image condition samples at its training grid (the condition "
+                         "covers that grid); use sample()")
     sampling = _sampling_kwargs(temperature, top_k, top_p)
-    labels, run_labels = _setup(model, labels, num_samples, cfg_scale)
+    labels, run_labels, _, _ = _setup(model, labels, num_samples, cfg_scale)
     n, c, upc = labels.shape[0], cfg.channels, cfg.units_per_cell
     device = labels.device
     tokens = torch.full((n, c, H, W), UNSAMPLED, dtype=torch.long, device=device)

@@ -65,33 +65,44 @@ def guidance_scale(scale: float, schedule: str, step: int, steps: int) -> float:
 # --------------------------------------------------------------------------------------
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------
-def cfg_logits(model: Callable, tokens: Tensor, labels: Optional[Tensor], scale: float) -> Tensor:
+def cfg_logits(model: Callable, tokens: Tensor, labels: Optional[Tensor], scale: float,
+               condition: Optional[Tensor] = None) -> Tensor:
     """Guided logits ``uncond + scale · (cond − uncond)``, ``[B, C, h, w, K]``.
 
     ``model(tokens, labels)`` must accept the null class id ``model.null_class``. Scale 1 is the
-    conditional model exactly (no unconditional pass); otherwise both passes run as one batch.
+    conditional model exactly (no unconditional pass); otherwise both passes run as one batch. With an
+    image ``condition`` (a conditional prior) the unconditional pass drops class and condition together.
     """
     if scale == 1.0:
-        return model(tokens, labels)
-    if getattr(model, "num_classes", 1) == 0 or labels is None:
+        return model(tokens, labels) if condition is None else model(tokens, labels, condition)
+    if condition is None and (getattr(model, "num_classes", 1) == 0 or labels is None):
         raise ValueError(
-            f"classifier-free guidance (scale {scale}) needs a class-conditional model and labels; "
-            "use scale 1 for an unconditional model"
+            f"classifier-free guidance (scale {scale}) needs a class-conditional model and labels, or a "
+            "condition; use scale 1 for an unconditional model"
         )
+    b = tokens.shape[0]
+    if labels is None:
+        labels = torch.full((b,), model.null_class, dtype=torch.long, device=tokens.device)
     null = torch.full_like(labels, model.null_class)
-    logits = model(torch.cat([tokens, tokens]), torch.cat([labels, null]))
+    if condition is None:
+        logits = model(torch.cat([tokens, tokens]), torch.cat([labels, null]))
+    else:
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(tokens.device)
+        logits = model(torch.cat([tokens, tokens]), torch.cat([labels, null]), torch.cat([condition, condition]), drop)
     cond, uncond = logits.float().chunk(2)
     return uncond + scale * (cond - uncond)
 
 
 def guided_tokens_to_logits(
-    model: Callable, labels: Optional[Tensor], *, scale: float = 1.0, schedule: str = "constant"
+    model: Callable, labels: Optional[Tensor], *, scale: float = 1.0, schedule: str = "constant",
+    condition: Optional[Tensor] = None,
 ) -> TokensToLogits:
-    """A ``tokens_to_logits`` for :func:`decode`: the model with labels and a guidance schedule."""
+    """A ``tokens_to_logits`` for :func:`decode`: the model with labels (and an image condition) and a
+    guidance schedule."""
     guidance_scale(scale, schedule, 0, 1)  # validate the schedule name now, not at step 0
 
     def tokens_to_logits(tokens: Tensor, step: int, steps: int) -> Tensor:
-        return cfg_logits(model, tokens, labels, guidance_scale(scale, schedule, step, steps))
+        return cfg_logits(model, tokens, labels, guidance_scale(scale, schedule, step, steps), condition)
 
     return tokens_to_logits
 
@@ -237,13 +248,15 @@ def generate(
     num_samples: Optional[int] = None,
     cfg_scale: float = 1.0,
     cfg_schedule: str = "constant",
+    condition: Optional[Tensor] = None,
     **decode_kwargs,
 ) -> Union[Tensor, tuple[Tensor, DecodeHistory]]:
     """Sample (or inpaint / outpaint) tokens with a :class:`movq.models.maskgit.MaskGIT`.
 
     Without ``tokens`` it starts from all-[MASK] of the model's shape, ``B`` taken from
-    ``labels`` or ``num_samples``. Put the model in ``eval()`` first (dropout). Extra keyword
-    arguments go to :func:`decode`.
+    ``labels`` or ``num_samples``. Put the model in ``eval()`` first (dropout). ``condition``:
+    ``uint8 [B or 1, ch, H', W']`` image conditions of a conditional prior (None: its null condition).
+    Extra keyword arguments go to :func:`decode`.
     """
     cfg = model.config
     if tokens is None:
@@ -255,7 +268,14 @@ def generate(
         h, w = cfg.grid_hw
         device = next(model.parameters()).device
         tokens = torch.full((n, cfg.channels, h, w), model.mask_id, dtype=torch.long, device=device)
-    fn = guided_tokens_to_logits(model, labels, scale=cfg_scale, schedule=cfg_schedule)
+    if condition is not None:
+        if getattr(model, "condition", None) is None:
+            raise ValueError("a condition was given but the prior has none (its config.condition is null)")
+        b = tokens.shape[0]
+        if condition.ndim == 4 and condition.shape[0] == 1 and b > 1:
+            condition = condition.expand(b, -1, -1, -1)
+        condition = condition.to(tokens.device)
+    fn = guided_tokens_to_logits(model, labels, scale=cfg_scale, schedule=cfg_schedule, condition=condition)
     return decode(fn, tokens, known_mask, mask_id=model.mask_id, generator=generator, **decode_kwargs)
 
 

@@ -116,8 +116,11 @@ def sample_prior(
     grid: Optional[tuple[int, int]] = None,
     overlap: Optional[int] = None,
     return_history: bool = False,
+    condition: Optional[Tensor] = None,
 ):
     """Sample tokens ``int64 [B, C, H, W]`` from either prior with ``settings`` (a :class:`SampleConfig`).
+    ``condition``: ``uint8 [B or 1, ch, H', W']`` image conditions of a conditional prior (None: its null
+    condition); at the training grid only.
 
     ``grid`` (default: the training grid) may be larger than the training grid: MaskGIT then decodes
     training-size windows with ``overlap`` cells in common (:func:`movq.generation.canvas.generate_canvas`),
@@ -131,13 +134,15 @@ def sample_prior(
     large = grid != train_grid
     if large and return_history:
         raise ValueError("return_history is only available at the training grid")
+    if large and getattr(model, "condition", None) is not None:
+        raise ValueError("a prior with an image condition samples at its training grid (the condition covers it)")
     if kind == "maskgit":
         kw = dict(num_samples=num_samples, generator=generator, steps=s.steps, temperature=s.temperature,
                   choice_temperature=s.choice_temperature, cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule,
                   schedule=model.config.mask_schedule)
         if large:
             return generate_canvas(model, grid, labels, overlap=overlap, **kw)
-        return generate(model, labels, return_history=return_history, **kw)
+        return generate(model, labels, return_history=return_history, condition=condition, **kw)
     if s.cfg_schedule != "constant":
         raise ValueError(f"cfg_schedule {s.cfg_schedule!r} is a MaskGIT setting: the autoregressive prior guides "
                          "every token with the same scale (set sample.cfg_schedule=constant)")
@@ -145,7 +150,7 @@ def sample_prior(
               top_p=s.top_p, cfg_scale=s.cfg_scale)
     if large:
         return ar_sampling.sample_large(model, grid, labels, **kw)
-    return ar_sampling.sample(model, labels, return_history=return_history, **kw)
+    return ar_sampling.sample(model, labels, return_history=return_history, condition=condition, **kw)
 
 
 def load_tokenizer_for(prior: Prior, path: PathLike, device) -> MoVQ:

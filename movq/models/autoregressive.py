@@ -28,6 +28,16 @@ positions (s − W·U, s] (U = units per cell: C for ``flat``, else 1), i.e. the
 one it predicts, plus position 0: the class token stays visible however long the sequence, so the
 condition is never lost. Training uses that banded causal mask; :class:`KVCache` keeps the class
 slot plus a ring of W·U slots, so sampling costs O(W) time and memory per token, not O(N).
+
+An image condition (``config.condition``, :mod:`movq.models.condition`) is read as a PREFIX of P = h·w
+condition embeddings (one per cell, plus a learned position embedding each) in front of the class token:
+a token must see the condition of the cells after it in raster order (the edges of the whole shape, the
+low-resolution image below the current row), which an embedding added at its own position cannot give.
+The prefix comes first so that the class token stays the position that predicts unit 0 and every other
+position keeps its meaning: the sequence is ``[cond_0 … cond_{P−1}, class, unit_0 … unit_{N−2}]`` and the
+output at sequence position P + s predicts unit s. The prefix and the class token (1 + P "sink" positions)
+stay visible under the window like the class token alone does without a condition, and the cache keeps
+them (prefilled before the first token).
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import FACTORIZATIONS, AutoregressiveConfig
+from movq.models.condition import ConditionEncoder, draw_dropout
 from movq.models.masking import check_class_labels, random_uniform
 from movq.models.pretrained import PretrainedModel
 
@@ -50,33 +61,35 @@ INIT_STD = 0.02
 LN_EPS = 1e-5  # nanoGPT / GPT-2
 
 
-def window_mask(length: int, window_units: int, device=None) -> Tensor:
+def window_mask(length: int, window_units: int, device=None, sink: int = 1) -> Tensor:
     """Bool ``[length, length]``, True = may attend: key j ≤ query i and (j > i − window_units or
-    j = 0, the class token). ``window_units ≥ length − 1`` is plain causal attention."""
+    j < sink: the class token and a condition prefix before it). ``window_units ≥ length − sink`` is plain
+    causal attention."""
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
-    return (j <= i) & ((j > i - window_units) | (j == 0))
+    return (j <= i) & ((j > i - window_units) | (j < sink))
 
 
 class KVCache:
     """Keys and values of the positions a new position may attend to, per layer.
 
-    Slot 0 holds position 0 (the class token, always visible); slots 1…R hold positions ≥ 1 in a
-    ring of R = ``window_units`` slots, position s in slot ``1 + (s − 1) mod R``. Attention does not
-    depend on the order of its keys (positions are in the embeddings), so the ring needs no
-    shifting: memory is ``2 · layers · B · heads · (1 + R) · head_dim`` whatever the sequence length.
+    Slots 0…S−1 hold the S = ``sink`` always-visible positions (the class token, after a condition
+    prefix if any); slots S…S+R−1 hold the later positions in a ring of R = ``window_units`` slots,
+    position s in slot ``S + (s − S) mod R``. Attention does not depend on the order of its keys
+    (positions are in the embeddings), so the ring needs no shifting: memory is
+    ``2 · layers · B · heads · (S + R) · head_dim`` whatever the sequence length.
     """
 
     def __init__(self, layers: int, batch: int, heads: int, head_dim: int, window_units: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.ring = max(window_units, 1)
-        shape = (batch, heads, 1 + self.ring, head_dim)
+                 device: torch.device, dtype: torch.dtype, sink: int = 1):
+        self.ring, self.sink = max(window_units, 1), sink
+        shape = (batch, heads, sink + self.ring, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.length = 0  # positions written so far (all layers)
 
     def slot(self, pos: int) -> int:
-        return 0 if pos == 0 else 1 + (pos - 1) % self.ring
+        return pos if pos < self.sink else self.sink + (pos - self.sink) % self.ring
 
     @property
     def nbytes(self) -> int:
@@ -87,16 +100,17 @@ class KVCache:
         s = self.slot(pos)
         self.k[layer][:, :, s : s + 1] = k
         self.v[layer][:, :, s : s + 1] = v
-        n = min(pos + 1, 1 + self.ring)
+        n = min(pos + 1, self.sink + self.ring)
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def write_prefix(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Store positions 0…L−1 (``k, v [B, H, L, d]``) of a fresh cache: the class token and the
+        """Store positions 0…L−1 (``k, v [B, H, L, d]``) of a fresh cache: the sink positions and the
         last R positions."""
         length = k.shape[2]
-        keep = list(range(max(1, length - self.ring), length))
-        slots = [self.slot(p) for p in [0] + keep]
-        idx = [0] + keep
+        first = list(range(min(self.sink, length)))
+        keep = list(range(max(self.sink, length - self.ring), length))
+        slots = [self.slot(p) for p in first + keep]
+        idx = first + keep
         self.k[layer][:, :, slots] = k[:, :, idx]
         self.v[layer][:, :, slots] = v[:, :, idx]
 
@@ -171,6 +185,9 @@ class AutoregressivePrior(PretrainedModel):
         self.register_buffer("channel_offset", torch.arange(c) * k, persistent=False)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, d)
         self.cell_pos = nn.Parameter(torch.zeros(h * w, d))
+        self.condition = ConditionEncoder(cfg.condition, (h, w), d) if cfg.condition else None
+        if self.condition is not None:
+            self.condition_pos = nn.Parameter(torch.zeros(h * w, d))  # the prefix's positions
         if cfg.factorization == "flat":
             self.channel_pos = nn.Parameter(torch.zeros(c, d))  # which channel a position predicts
         self.emb_drop = nn.Dropout(cfg.dropout)
@@ -185,7 +202,8 @@ class AutoregressivePrior(PretrainedModel):
             self.depth_blocks = nn.ModuleList(Block(cfg, cfg.depth_layers) for _ in range(cfg.depth_layers))
             self.depth_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.apply(self._init_weights)
-        for p in (self.cell_pos, getattr(self, "channel_pos", None), getattr(self, "depth_pos", None)):
+        for p in (self.cell_pos, getattr(self, "channel_pos", None), getattr(self, "depth_pos", None),
+                  getattr(self, "condition_pos", None)):
             if p is not None:
                 nn.init.normal_(p, std=INIT_STD)
 
@@ -210,6 +228,16 @@ class AutoregressivePrior(PretrainedModel):
     def null_class(self) -> int:
         """The label of the unconditional (dropped) class: num_classes."""
         return self.config.num_classes
+
+    @property
+    def prefix_len(self) -> int:
+        """P, the condition prefix's positions before the class token (h·w with a condition, else 0)."""
+        return self.config.seq_len // self.config.units_per_cell if self.condition is not None else 0
+
+    @property
+    def sink(self) -> int:
+        """Positions every position sees whatever the window: the prefix and the class token."""
+        return self.prefix_len + 1
 
     # ----------------------------------------------------------------------------------
     # Layout: token grid <-> units of the sequence
@@ -266,18 +294,32 @@ class AutoregressivePrior(PretrainedModel):
     # ----------------------------------------------------------------------------------
     # The spatial transformer
     # ----------------------------------------------------------------------------------
-    def sequence_inputs(self, labels: Tensor, units: Tensor) -> Tensor:
-        """``[B, L, D]`` inputs of positions 0…L−1: the class, then ``units [B, L−1, U]`` (units 0…L−2)."""
+    def condition_prefix(self, condition: Optional[Tensor], batch: int, drop: Optional[Tensor] = None) -> Tensor:
+        """``[B, P, D]``: the encoded condition (the null condition where ``drop`` or for None) plus the
+        prefix's position embeddings (before dropout; :meth:`sequence_inputs` applies it)."""
+        if self.condition is None:
+            raise ValueError("AutoregressivePrior: the model has no condition (config.condition is null)")
+        return self.condition(condition, batch, drop) + self.condition_pos
+
+    def sequence_inputs(self, labels: Tensor, units: Tensor, prefix: Optional[Tensor] = None) -> Tensor:
+        """``[B, P + L, D]`` inputs: the condition ``prefix [B, P, D]`` (a conditional model), then
+        positions 0…L−1: the class, then ``units [B, L−1, U]`` (units 0…L−2)."""
         length = units.shape[1] + 1
         pos = torch.arange(length, device=units.device)
         x = self.class_emb(labels)[:, None]
         if length > 1:
             x = torch.cat([x, self.embed_units(units, pos[1:])], 1)
-        return self.emb_drop(x + self.position(pos))
+        x = x + self.position(pos)
+        if (prefix is None) != (self.condition is None):
+            raise ValueError("AutoregressivePrior.sequence_inputs: a conditional model needs its condition prefix "
+                             "and an unconditional one takes none")
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], 1)
+        return self.emb_drop(x)
 
     def _mask(self, length: int, device) -> Optional[Tensor]:
-        r = self.config.window_units
-        return None if r >= length - 1 else window_mask(length, r, device)
+        r, sink = self.config.window_units, self.sink
+        return None if r >= length - sink else window_mask(length, r, device, sink)
 
     def prefill(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         """Spatial outputs ``[B, L, D]`` (after the final norm) of inputs ``x [B, L, D]`` at positions
@@ -300,7 +342,7 @@ class AutoregressivePrior(PretrainedModel):
             kind = torch.device(device).type
             on = torch.is_autocast_enabled(kind)
             dtype = torch.get_autocast_dtype(kind) if on else next(self.parameters()).dtype
-        return KVCache(cfg.depth, batch, cfg.heads, cfg.width // cfg.heads, cfg.window_units, device, dtype)
+        return KVCache(cfg.depth, batch, cfg.heads, cfg.width // cfg.heads, cfg.window_units, device, dtype, self.sink)
 
     def embed_step(self, pos: int, labels: Tensor, prev: Optional[Tensor]) -> Tensor:
         """Input ``[B, 1, D]`` of position ``pos``: the class (pos 0) or ``prev int [B, U]``, unit pos−1."""
@@ -311,13 +353,17 @@ class AutoregressivePrior(PretrainedModel):
         return x[:, None] + self.position(pos)
 
     def step(self, x: Tensor, pos: int, cache: KVCache) -> Tensor:
-        """Spatial output ``[B, D]`` of one new position ``pos`` (input ``x [B, 1, D]``), attending
-        to the cache; its keys and values are added (in the window's ring)."""
-        if pos != cache.length:
-            raise ValueError(f"KVCache holds positions 0…{cache.length - 1}; the next step is {cache.length}, got {pos}")
+        """Spatial output ``[B, D]`` of one new position ``pos`` (input ``x [B, 1, D]``; pos counts from the
+        class token, i.e. sequence position P + pos), attending to the cache; its keys and values are added
+        (in the window's ring)."""
+        at = pos + self.prefix_len
+        if at != cache.length:
+            p = self.prefix_len
+            raise ValueError(f"KVCache holds positions 0…{cache.length - 1 - p} (after a prefix of {p}); the next step "
+                             f"is {cache.length - p}, got {pos}")
         for i, block in enumerate(self.blocks):
-            x = block(x, None, cache, i, pos)
-        cache.length = pos + 1
+            x = block(x, None, cache, i, at)
+        cache.length = at + 1
         return self.norm(x)[:, 0]
 
     # ----------------------------------------------------------------------------------
@@ -356,37 +402,47 @@ class AutoregressivePrior(PretrainedModel):
         return rearrange(self.head(inner), "(b n) c k -> b n c k", b=b, n=n)
 
     # ----------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        """Logits ``[B, C, h, w, K]``: for each token, p(token | tokens before it, class).
+    def forward(self, tokens: Tensor, labels: Optional[Tensor] = None, condition: Optional[Tensor] = None,
+                drop_condition: Optional[Tensor] = None) -> Tensor:
+        """Logits ``[B, C, h, w, K]``: for each token, p(token | tokens before it, class, condition).
 
         ``labels int [B]`` in ``[0, num_classes]``; ``num_classes`` (or ``labels=None``) is the null class.
+        ``condition uint8 [B, ch, H', W']`` (a conditional model; None = the null condition),
+        ``drop_condition bool [B]``: rows that get the null condition instead.
         """
         tokens = self._check_tokens(tokens)
         b, _, h, w = tokens.shape
         labels = self.check_labels(labels, b, tokens.device)
+        if self.condition is None and condition is not None:
+            raise ValueError("AutoregressivePrior: a condition was given but the model has none (config.condition is null)")
+        prefix = self.condition_prefix(condition, b, drop_condition) if self.condition is not None else None
         units = self.to_units(tokens)  # [B, N, U]
-        hidden = self.prefill(self.sequence_inputs(labels, units[:, :-1]))  # [B, N, D]
+        hidden = self.prefill(self.sequence_inputs(labels, units[:, :-1], prefix))[:, self.prefix_len :]  # [B, N, D]
         return self.from_units(self.unit_logits(hidden, units), h, w)
 
     def training_loss(
-        self, tokens: Tensor, labels: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+        self, tokens: Tensor, labels: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+        condition: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token cross-entropy on ``tokens int [B, C, h, w]``.
 
         Returns ``(loss, logs)``; ``logs`` holds detached scalars ``loss``, ``bits_per_token`` (the
-        NLL without label smoothing, in bits), ``accuracy`` (top-1) and ``class_dropped``.
+        NLL without label smoothing, in bits), ``accuracy`` (top-1) and ``class_dropped``, and for a
+        conditional model ``condition_dropped``. ``condition``: the samples' conditions (needed by a model
+        with ``config.condition``).
         """
         cfg = self.config
         tokens = self._check_tokens(tokens)
         b = tokens.shape[0]
         if cfg.num_classes > 0 and labels is None:
             raise ValueError("AutoregressivePrior.training_loss: a class-conditional model needs labels [B]")
+        if cfg.condition is not None and condition is None:
+            raise ValueError("AutoregressivePrior.training_loss: a model conditioned on "
+                             f"{cfg.condition.kind} needs its conditions")
         labels = self.check_labels(labels, b, tokens.device)
-        dropped = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        if cfg.num_classes > 0 and cfg.class_dropout > 0:
-            dropped = random_uniform((b,), generator, tokens.device) < cfg.class_dropout
-            labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
-        logits = self(tokens, labels).float().flatten(0, -2)  # [B·C·h·w, K]
+        dropped, cond_dropped = draw_dropout(cfg, b, generator, tokens.device, random_uniform)
+        labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
+        logits = self(tokens, labels, condition, cond_dropped).float().flatten(0, -2)  # [B·C·h·w, K]
         targets = tokens.flatten()
         loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
         with torch.no_grad():
@@ -397,6 +453,8 @@ class AutoregressivePrior(PretrainedModel):
                 "accuracy": (logits.argmax(-1) == targets).float().mean(),
                 "class_dropped": dropped.float().mean(),
             }
+            if cond_dropped is not None:
+                logs["condition_dropped"] = cond_dropped.float().mean()
         return loss, logs
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -405,7 +463,7 @@ class AutoregressivePrior(PretrainedModel):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            is_matrix = p.ndim >= 2 and not name.endswith(("_emb.weight", "_pos"))
+            is_matrix = p.ndim >= 2 and not name.endswith(("_emb.weight", "_pos", "condition.null"))
             (decay if is_matrix else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

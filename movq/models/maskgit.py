@@ -18,6 +18,12 @@ tokenizer), plus a leading class token:
 * output: C linear heads of K logits per cell, ``[B, C, h, w, K]`` (the token layout plus K).
 
 Masking is per token (cell × channel), with the schedule shared with sampling (:mod:`movq.models.masking`).
+
+An image condition (``config.condition``, :mod:`movq.models.condition`) is ADDED to the cells' input
+embeddings, one embedding per cell: the condition is spatially aligned with the token grid, and MaskGIT is
+bidirectional, so every token sees every cell's condition through attention anyway; adding keeps the
+sequence length (and the attention cost) as it is. A learned null condition stands for "no condition" (rows
+dropped in training with ``condition.dropout``, the unconditional half of guidance).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import MaskGITConfig
+from movq.models.condition import ConditionEncoder, draw_dropout
 from movq.models.masking import check_class_labels, mask_schedule, random_uniform
 from movq.models.pretrained import PretrainedModel
 
@@ -101,6 +108,8 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
         self.token_emb = nn.Embedding(c * (k + 1), cfg.width)
         self.register_buffer("channel_offset", torch.arange(c) * (k + 1), persistent=False)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)
+        # built before apply(): its convolutions keep PyTorch's init, its null condition its own
+        self.condition = ConditionEncoder(cfg.condition, (h, w), cfg.width) if cfg.condition else None
         self.pos_emb = nn.Parameter(torch.zeros(1, 1 + h * w, cfg.width))  # class token first
         self.emb_norm = nn.LayerNorm(cfg.width, eps=LN_EPS)  # BERT / MaskGIT normalise embeddings
         self.emb_drop = nn.Dropout(cfg.dropout)
@@ -155,17 +164,23 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
     def _check_labels(self, labels: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
         return check_class_labels("MaskGIT", labels, batch, self.null_class, device)
 
-    def forward(self, tokens: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, tokens: Tensor, labels: Optional[Tensor] = None, condition: Optional[Tensor] = None,
+                drop_condition: Optional[Tensor] = None) -> Tensor:
         """Logits ``[B, C, h, w, K]`` for ``tokens int [B, C, h, w]`` (id K = [MASK]).
 
         ``labels int [B]`` in ``[0, num_classes]``; ``num_classes`` (or ``labels=None``) is the
-        null class.
+        null class. ``condition uint8 [B, ch, H', W']`` (a conditional model; None = the null
+        condition), ``drop_condition bool [B]``: rows that get the null condition instead.
         """
         tokens = self._check_tokens(tokens, allow_mask=True)
         b, c, h, w = tokens.shape
         labels = self._check_labels(labels, b, tokens.device)
         ids = rearrange(tokens, "b c h w -> b (h w) c") + self.channel_offset  # per-channel rows
         x = self.token_emb(ids).sum(2)  # [B, h·w, D]: sum of the C channel embeddings of a cell
+        if self.condition is not None:
+            x = x + self.condition(condition, b, drop_condition)  # one condition embedding per cell
+        elif condition is not None:
+            raise ValueError("MaskGIT: a condition was given but the model has none (config.condition is null)")
         x = torch.cat([self.class_emb(labels)[:, None], x], 1) + self.pos_emb  # [B, 1 + h·w, D]
         x = self.emb_drop(self.emb_norm(x))
         for block in self.blocks:
@@ -194,26 +209,29 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
         return (rank < n_mask[:, None]).reshape(tokens.shape)
 
     def training_loss(
-        self, tokens: Tensor, labels: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
+        self, tokens: Tensor, labels: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+        condition: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Masked-token cross-entropy (with label smoothing) on ``tokens int [B, C, h, w]``.
 
         Returns ``(loss, logs)``; ``logs`` holds detached scalars ``loss``, ``accuracy`` (top-1 on
-        masked tokens), ``mask_rate`` and ``class_dropped`` (fraction of labels set to null).
+        masked tokens), ``mask_rate`` and ``class_dropped`` (fraction of labels set to null), and for a
+        conditional model ``condition_dropped``. ``condition``: the samples' conditions (needed by a
+        model with ``config.condition``).
         """
         cfg = self.config
         tokens = self._check_tokens(tokens, allow_mask=False)
         b = tokens.shape[0]
         if cfg.num_classes > 0 and labels is None:
             raise ValueError("MaskGIT.training_loss: a class-conditional model needs labels [B]")
+        if cfg.condition is not None and condition is None:
+            raise ValueError(f"MaskGIT.training_loss: a model conditioned on {cfg.condition.kind} needs its conditions")
         labels = self._check_labels(labels, b, tokens.device)
-        dropped = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        if cfg.num_classes > 0 and cfg.class_dropout > 0:
-            dropped = random_uniform((b,), generator, tokens.device) < cfg.class_dropout
-            labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
+        dropped, cond_dropped = draw_dropout(cfg, b, generator, tokens.device, random_uniform)
+        labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
         masked = self.random_mask(tokens, generator)
         inputs = torch.where(masked, torch.full_like(tokens, self.mask_id), tokens)
-        logits = self(inputs, labels)[masked]  # [M, K], the masked tokens only
+        logits = self(inputs, labels, condition, cond_dropped)[masked]  # [M, K], the masked tokens only
         targets = tokens[masked]
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
         with torch.no_grad():
@@ -223,6 +241,8 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
                 "mask_rate": masked.float().mean(),
                 "class_dropped": dropped.float().mean(),
             }
+            if cond_dropped is not None:
+                logs["condition_dropped"] = cond_dropped.float().mean()
         return loss, logs
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -231,7 +251,7 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            is_matrix = p.ndim >= 2 and not name.endswith(("_emb.weight", "pos_emb"))
+            is_matrix = p.ndim >= 2 and not name.endswith(("_emb.weight", "pos_emb", "condition.null"))
             (decay if is_matrix else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

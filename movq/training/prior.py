@@ -13,6 +13,12 @@ around the step is :class:`movq.training.loop.TrainLoop`, with the same guarante
 trainer: every rank reads its own share of the token shards, only rank 0 writes, checkpoints are
 atomic and a resume is bit-exact on CPU.
 
+An image-conditional prior (``model.condition``) trains on a token folder made with the same condition
+(``tools/tokenize_dataset.py --condition``; kind and parameters are checked, the condition's size is taken
+from the folder); each batch's conditions go into ``training_loss``, and the sample grids, the editing
+example and FID take their conditions from the token folder (sample i: the condition of training sample
+i mod N), so a grid shows each condition above its sample.
+
 A checkpoint's ``model/`` and ``ema/`` are model folders of the prior (``MaskGIT.from_pretrained`` /
 ``AutoregressivePrior.from_pretrained``, or :func:`movq.generation.sampler.load_prior` for either) with
 their sampling defaults, tokenizer and class names in ``generation_config.json``
@@ -33,7 +39,8 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from movq.config import PriorConfig, check_config
-from movq.data.tokens import TokenDataset, read_token_manifest
+from movq.data.conditions import condition_pictures
+from movq.data.tokens import TokenDataset, manifest_condition, read_token_manifest
 from movq.evaluation.visualize import save_grid
 from movq.generation import autoregressive as ar_sampling
 from movq.generation.maskgit import box_mask, generate
@@ -91,6 +98,34 @@ def resolve_model_shape(cfg: PriorConfig, manifest: dict, where: str) -> PriorCo
     return cfg
 
 
+def resolve_condition(cfg: PriorConfig, manifest: dict, where: str) -> PriorConfig:
+    """Check ``model.condition`` against the token folder's (kind and parameters must match; a null
+    ``size`` is set from the folder). An unconditional model may train on a folder with conditions."""
+    mine, theirs = cfg.model.condition, manifest_condition(manifest)
+    if mine is None:
+        if theirs is not None:
+            log.info("the tokens in %s hold %s conditions; model.condition is null, so they are not used",
+                     where, theirs["kind"])
+        return cfg
+    if theirs is None:
+        raise ValueError(f"model.condition is {mine.params()} but the tokens in {where} hold no condition: tokenize "
+                         f"with --condition {mine.kind} or set model.condition=null")
+    folder = {k: theirs.get(k) for k in mine.params()}
+    if folder != mine.params():
+        raise ValueError(f"model.condition {mine.params()} differs from the condition of the tokens in {where} "
+                         f"{ {k: v for k, v in theirs.items() if k not in ('shape', 'labels_from')} }: set model.condition "
+                         "to match, or tokenize again with these settings")
+    size = tuple(int(v) for v in theirs["shape"][1:])
+    if int(theirs["shape"][0]) != mine.channels:
+        raise ValueError(f"the {mine.kind} conditions in {where} have {theirs['shape'][0]} channels, expected {mine.channels}")
+    if mine.size is None:
+        cfg.model = dataclasses.replace(cfg.model, condition=dataclasses.replace(mine, size=size))
+    elif tuple(mine.size) != size:
+        raise ValueError(f"model.condition.size {list(mine.size)} differs from the conditions in {where} ({list(size)}): "
+                         "set model.condition.size=null to take the folder's")
+    return cfg
+
+
 class _TrainingLoss(nn.Module):
     """Puts ``training_loss`` behind ``forward``, so DDP's gradient hooks see the call."""
 
@@ -98,8 +133,10 @@ class _TrainingLoss(nn.Module):
         super().__init__()
         self.prior = prior
 
-    def forward(self, tokens: Tensor, labels: Optional[Tensor]):
-        return self.prior.training_loss(tokens, labels)
+    def forward(self, tokens: Tensor, labels: Optional[Tensor], condition: Optional[Tensor] = None):
+        if condition is None:
+            return self.prior.training_loss(tokens, labels)
+        return self.prior.training_loss(tokens, labels, condition=condition)
 
 
 class PriorTrainer(TrainLoop):
@@ -116,6 +153,7 @@ class PriorTrainer(TrainLoop):
                              "prior guides every token with one scale (set sample.cfg_schedule=constant)")
         self.manifest = manifest = read_token_manifest(cfg.data.tokens)
         cfg = resolve_model_shape(cfg, manifest, cfg.data.tokens)
+        cfg = resolve_condition(cfg, manifest, cfg.data.tokens)
         made_by = manifest.get("tokenizer")
         if cfg.data.tokenizer is None and made_by and Path(made_by).is_dir():
             cfg.data.tokenizer = made_by  # stored in the run's config and the sampling defaults
@@ -157,6 +195,15 @@ class PriorTrainer(TrainLoop):
     def _labels(self, batch: dict) -> Optional[Tensor]:
         return batch["label"].to(self.acc.device) if self.cfg.model.num_classes > 0 else None
 
+    def _conditions(self, batch: dict) -> Optional[Tensor]:
+        return batch["condition"].to(self.acc.device) if self.cfg.model.condition is not None else None
+
+    def _conditions_of(self, index: np.ndarray) -> Optional[Tensor]:
+        """The conditions of samples ``index`` (grids, FID): training sample ``i mod N``'s."""
+        if self.cfg.model.condition is None:
+            return None
+        return self._conditions(self.data.take(np.asarray(index) % len(self.data)))
+
     def train_step(self, micro_batches: list[dict]) -> Optional[dict]:
         """The prior's loss on every micro-batch, then clip, check and step."""
         acc, t = self.acc, self.cfg.train
@@ -166,7 +213,7 @@ class PriorTrainer(TrainLoop):
             tokens = batch["tokens"].to(acc.device, non_blocking=True)
             with acc.accumulate(self.model):
                 with acc.autocast():
-                    loss, logs = self.model(tokens, self._labels(batch))
+                    loss, logs = self.model(tokens, self._labels(batch), self._conditions(batch))
                 acc.backward(loss)
             micro.append(logs)
         logs = mean_micro_logs(micro)
@@ -187,19 +234,21 @@ class PriorTrainer(TrainLoop):
     def _eval_model(self) -> Prior:
         return self.ema.model if self.ema is not None else self.prior
 
-    def _sample(self, model: Prior, labels: Optional[Tensor], n: int, seed: int) -> Tensor:
+    def _sample(self, model: Prior, labels: Optional[Tensor], n: int, seed: int,
+                condition: Optional[Tensor] = None) -> Tensor:
         s = self.cfg.sample
-        if labels is None:  # unconditional: nothing to guide towards
+        if labels is None and condition is None:  # unconditional: nothing to guide towards
             s = dataclasses.replace(s, cfg_scale=1.0)
         g = torch.Generator(self.acc.device).manual_seed(seed)
         with self.acc.autocast():  # the training precision (bf16 on GPU runs)
-            return sample_prior(model, labels, s, num_samples=n, generator=g)
+            return sample_prior(model, labels, s, num_samples=n, generator=g, condition=condition)
 
-    def _edit(self, model: Prior, real: Tensor, labels: Optional[Tensor], seed: int) -> tuple[Tensor, Tensor]:
+    def _edit(self, model: Prior, real: Tensor, labels: Optional[Tensor], seed: int,
+              condition: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """The editing example on real token maps: ``(filled tokens, known bool [h, w])``. MaskGIT
         regenerates the centre box (``INPAINT_BOX``); the autoregressive prior the bottom half."""
         s, (h, w), n = self.cfg.sample, self.cfg.model.grid_hw, real.shape[0]
-        scale = s.cfg_scale if labels is not None else 1.0
+        scale = s.cfg_scale if labels is not None or condition is not None else 1.0
         g = torch.Generator(self.acc.device).manual_seed(seed)
         if self.cfg.kind == "autoregressive":
             known = torch.zeros(h, w, dtype=torch.bool, device=real.device)
@@ -207,15 +256,19 @@ class PriorTrainer(TrainLoop):
             with self.acc.autocast():
                 filled = ar_sampling.sample(model, labels, num_samples=n, generator=g, temperature=s.temperature,
                                             top_k=s.top_k, top_p=s.top_p, cfg_scale=scale, prompt=real,
-                                            prompt_cells=(h // 2) * w)
+                                            prompt_cells=(h // 2) * w, condition=condition)
             return filled, known
         box = (INPAINT_BOX[0] * w, INPAINT_BOX[1] * h, INPAINT_BOX[2] * w, INPAINT_BOX[3] * h)
         known = box_mask(h, w, box, image_size=(h, w), inside=True).to(real.device)
         with self.acc.autocast():
             filled = generate(model, labels, num_samples=n, generator=g, tokens=real, known_mask=known,
                               steps=s.steps, temperature=s.temperature, choice_temperature=s.choice_temperature,
-                              cfg_scale=scale, cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule)
+                              cfg_scale=scale, cfg_schedule=s.cfg_schedule, schedule=model.config.mask_schedule,
+                              condition=condition)
         return filled, known
+
+    def _condition_pictures(self, conditions: Tensor, size) -> Tensor:
+        return condition_pictures(self.cfg.model.condition, conditions, tuple(size))
 
     def _pictures(self, tokens: Tensor) -> Tensor:
         if self.tokenizer is not None:
@@ -233,15 +286,19 @@ class PriorTrainer(TrainLoop):
             if s.grid_images > 0:
                 rule = "cycle" if self.cfg.model.num_classes > 0 else "null"
                 labels = sample_labels(rule, self.cfg.model.num_classes, np.arange(s.grid_images), dev)
-                tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed)
+                conds = self._conditions_of(np.arange(s.grid_images))
+                tokens = self._sample(model, labels, s.grid_images, self.cfg.train.seed, conds)
                 out["samples"] = self.run.images / f"samples_{self.step:07d}.png"
-                pictures["images/samples"] = save_grid(rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes)),
-                                                       out["samples"])
+                rows = rows_of(self._pictures(tokens), grid_columns(self.cfg.model.num_classes))
+                if conds is not None:  # each row of samples below a row of their conditions
+                    shown = self._condition_pictures(conds, rows[0].shape[-2:])
+                    rows = [r for pair in zip(rows_of(shown, len(rows[0])), rows) for r in pair]
+                pictures["images/samples"] = save_grid(rows, out["samples"])
             n = min(s.inpaint_images, len(self.data))
             if n > 0:
                 first = self.data.take(slice(0, n))
                 real, labels = first["tokens"].to(dev), self._labels(first)
-                filled, known = self._edit(model, real, labels, self.cfg.train.seed + 1)
+                filled, known = self._edit(model, real, labels, self.cfg.train.seed + 1, self._conditions(first))
                 pics = self._pictures(torch.cat([real, filled]))
                 orig, new = pics[:n], pics[n:]
                 name = "complete" if self.cfg.kind == "autoregressive" else "inpaint"
@@ -276,7 +333,8 @@ class PriorTrainer(TrainLoop):
         def fakes():
             for index in plan:
                 labels = sample_labels("cycle" if nc > 0 else "null", nc, index, acc.device)
-                tokens = self._sample(model, labels, len(index), batch_seed(t.seed, int(index[0])))
+                tokens = self._sample(model, labels, len(index), batch_seed(t.seed, int(index[0])),
+                                      self._conditions_of(index))
                 yield tokens_to_images(self.tokenizer, tokens[: int((index < t.fid_num_images).sum())])
 
         with eval_mode(model):
