@@ -363,3 +363,37 @@ def test_tokenize_shards_with_seg_png(tmp_path, tok, capsys):
         shard.add("z", {"png": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))})
     assert run_tool("--tokenizer", tok, tmp_path / "shards" / "b.tar", tmp_path / "t2", *args) == 2
     assert "b.tar:z: no seg.png member" in capsys.readouterr().err
+
+
+def test_conditional_fid_samples_with_the_token_folders_conditions(tmp_path, cdata, monkeypatch):
+    """FID of a conditional prior: its samples are drawn with conditions from the token folder (sample i:
+    training sample i mod N's), as the sample grids are, and the figure is finite."""
+    from movq.evaluation import fid
+    from movq.evaluation.inception import standin_state_dict
+    from movq.training import prior as prior_mod
+
+    weights = tmp_path / "standin-inception.pth"
+    torch.save(standin_state_dict(seed=0), weights)
+    original = fid.FIDTracker.__init__
+    monkeypatch.setattr(fid.FIDTracker, "__init__", lambda self, *a, **kw: original(self, *a, **{**kw, "verify": False}))
+    seen = []
+    sample = prior_mod.sample_prior
+
+    def recording(model, labels, settings, **kw):
+        seen.append(kw.get("condition"))
+        return sample(model, labels, settings, **kw)
+
+    monkeypatch.setattr(prior_mod, "sample_prior", recording)
+    cfg = _ccfg(tmp_path / "a", cdata["tokens"], max_steps=1, grad_accum=1, eval_every=100, fid_every=1,
+                fid_num_images=4, inception_weights=str(weights))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer, summary = fit(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.isfinite(summary["eval"]["fid"]) and summary["eval"]["fid"] >= 0
+    used = [c for c in seen if c is not None]
+    assert used and sum(len(c) for c in used) >= 4, seen
+    expected = trainer._conditions_of(np.arange(4)).cpu()
+    assert torch.equal(torch.cat([c.cpu() for c in used])[:4], expected)
