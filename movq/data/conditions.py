@@ -7,9 +7,9 @@ come from (:func:`movq.data.decode.load_image`), stored beside the tokens in the
 * ``edges``: Canny edges (Canny 1986; ``skimage.feature.canny``) at the image size, 1 channel in {0, 1}:
   the union of the edges of the R, G and B channels, not of the grey image, because a shape of another hue
   but the same luminance as its background has no grey edge at all (8 of the first 64 shapes validation
-  images gave an empty grey edge map; the colour edges cover 99.7% of their shapes' outlines). A picture
-  that already is a black-and-white line drawing is its own edge map (:func:`edges_from_drawing`: the
-  rarer of the two colours is the line).
+  images of recipe 2 gave an empty grey edge map, 5 of recipe 5's; the colour edges covered 99.7% of the
+  recipe-2 shapes' outlines). A picture that already is a black-and-white line drawing is its own edge map
+  (:func:`edges_from_drawing`: the rarer of the two colours is the line).
 * ``lowres``: the RGB image box-downsampled by ``factor`` (the mean of each ``factor × factor`` block), 3
   channels at ``S / factor`` (the input of super-resolution).
 * ``segmentation``: an integer label map (class ids ``0 … n − 1``) at the image size, 1 channel; one-hot in
