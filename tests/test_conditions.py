@@ -397,3 +397,14 @@ def test_conditional_fid_samples_with_the_token_folders_conditions(tmp_path, cda
     assert used and sum(len(c) for c in used) >= 4, seen
     expected = trainer._conditions_of(np.arange(4)).cpu()
     assert torch.equal(torch.cat([c.cpu() for c in used])[:4], expected)
+
+
+def test_model_cards_name_the_condition():
+    ar = _ar(kind="lowres").config
+    card = str(AutoregressivePrior.model_card(ar))
+    assert "3 classes and an image condition (lowres: downsampled 4×)" in card and "autoregressive prior" in card
+    mg = MaskGITConfig(codebook_size=16, channels=2, grid=4, num_classes=3, width=16, depth=1, heads=2,
+                       condition=ConditionConfig(kind="edges"))
+    assert "3 classes and an image condition (edges: Canny sigma 1.0)" in MaskGIT.card_summary(mg)
+    assert "; 3 classes;" in MaskGIT.card_summary(MaskGITConfig(codebook_size=16, channels=2, grid=4, num_classes=3,
+                                                                width=16, depth=1, heads=2))

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import FACTORIZATIONS, AutoregressiveConfig
-from movq.models.condition import ConditionEncoder, draw_dropout
+from movq.models.condition import ConditionEncoder, conditioning_summary, draw_dropout
 from movq.models.masking import check_class_labels, random_uniform
 from movq.models.pretrained import PretrainedModel
 
@@ -172,6 +172,15 @@ class AutoregressivePrior(PretrainedModel):
     :meth:`prefill`, :meth:`token_logits`)."""
 
     config_class = AutoregressiveConfig
+
+    @classmethod
+    def card_summary(cls, config: AutoregressiveConfig) -> str:
+        h, w = config.grid_hw
+        window = f"a window of {config.window} cells" if config.window else "full causal attention"
+        return (f"An autoregressive prior (taming-transformers' GPT, raster order) over {h}×{w} cells × "
+                f"{config.channels} channels of tokens from a {config.codebook_size}-code MoVQ tokenizer; "
+                f"{conditioning_summary(config)}; factorization {config.factorization}, {window}; transformer "
+                f"width {config.width}, depth {config.depth}, {config.heads} heads.")
 
     def __init__(self, config: Union[AutoregressiveConfig, dict, str, None] = None):
         super().__init__()

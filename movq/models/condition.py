@@ -97,6 +97,18 @@ class ConditionEncoder(nn.Module):
         return emb
 
 
+def conditioning_summary(cfg) -> str:
+    """What a prior config conditions on, for model cards: "8 classes", "unconditional", "8 classes and an
+    image condition (edges: Canny sigma 1.0)", ..."""
+    parts = [f"{cfg.num_classes} classes"] if cfg.num_classes else []
+    cond = getattr(cfg, "condition", None)
+    if cond is not None:
+        how = {"edges": f"Canny sigma {cond.sigma}", "lowres": f"downsampled {cond.factor}×",
+               "segmentation": f"{cond.num_classes} label classes"}[cond.kind]
+        parts.append(f"an image condition ({cond.kind}: {how})")
+    return " and ".join(parts) if parts else "unconditional"
+
+
 def draw_dropout(cfg, batch: int, generator: Optional[torch.Generator], device: torch.device,
                  uniform) -> tuple[Tensor, Optional[Tensor]]:
     """One draw per sample for both dropouts of a prior's training step: ``(class dropped [B], condition
@@ -113,4 +125,4 @@ def draw_dropout(cfg, batch: int, generator: Optional[torch.Generator], device: 
                                                            (none if cond is not None else None))
 
 
-__all__ = ["ConditionEncoder", "draw_dropout", "SUBCELLS"]
+__all__ = ["ConditionEncoder", "conditioning_summary", "draw_dropout", "SUBCELLS"]

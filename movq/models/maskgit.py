@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from movq.config import MaskGITConfig
-from movq.models.condition import ConditionEncoder, draw_dropout
+from movq.models.condition import ConditionEncoder, conditioning_summary, draw_dropout
 from movq.models.masking import check_class_labels, mask_schedule, random_uniform
 from movq.models.pretrained import PretrainedModel
 
@@ -93,9 +93,8 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
     @classmethod
     def card_summary(cls, config: MaskGITConfig) -> str:
         h, w = config.grid_hw
-        classes = f"{config.num_classes} classes" if config.num_classes else "unconditional"
         return (f"A MaskGIT prior (Chang et al., CVPR 2022) over {h}×{w} cells × {config.channels} channels of "
-                f"tokens from a {config.codebook_size}-code MoVQ tokenizer; {classes}; transformer width "
+                f"tokens from a {config.codebook_size}-code MoVQ tokenizer; {conditioning_summary(config)}; transformer width "
                 f"{config.width}, depth {config.depth}, {config.heads} heads.")
 
     def __init__(self, config: Union[MaskGITConfig, dict, str, None] = None):
