@@ -250,7 +250,7 @@ def test_bad_token_data_fails_clearly(tmp_path):
         TokenDataset(tmp_path)
     _synthetic(tmp_path / "t")
     shard = tmp_path / "t" / "tokens-000001.tar"
-    with pytest.raises(TokenDataError, match=r"tokens are uint16 \(2, 4, 4\), expected uint16 \(4, 4, 4\)"):
+    with pytest.raises(TokenDataError, match=r"the tokens are uint16 \(2, 4, 4\), expected uint16 \(4, 4, 4\)"):
         read_token_shard(shard, (4, 4, 4), 16)
     with pytest.raises(TokenDataError, match="outside the codebook"):
         read_token_shard(shard, (2, 4, 4), 2)
@@ -269,7 +269,7 @@ def test_bad_token_data_fails_clearly(tmp_path):
         info = tarfile.TarInfo("x.tokens.npy")
         info.size = len(buf.getvalue())
         tar.addfile(info, io.BytesIO(buf.getvalue()))
-    with pytest.raises(TokenDataError, match=r"bad.tar:x: tokens are float32"):
+    with pytest.raises(TokenDataError, match=r"bad.tar:x: the tokens are float32"):
         read_token_shard(bad, (2, 4, 4), 16)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text(json.dumps({"format": "movq-shards/1"}))

@@ -63,19 +63,30 @@ class TokenDataError(ValueError):
 # --------------------------------------------------------------------------------------
 def tokens_to_npy(tokens: np.ndarray) -> bytes:
     """``uint16 [C, h, w]`` → ``.npy`` bytes."""
+    return _to_npy(tokens, np.uint16)
+
+
+def _to_npy(arr: np.ndarray, dtype) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(tokens, dtype=np.uint16), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(arr, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
+
+
+def _from_npy(data: bytes, dtype, shape: Sequence[int], where: str, what: str) -> np.ndarray:
+    """``.npy`` bytes (no pickles) → an array of ``dtype`` and ``shape``, or a :class:`TokenDataError` that says
+    what is wrong (``what``: "the tokens are", "the condition is")."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise TokenDataError(f"{where}: {what} not a readable .npy array ({e})") from None
+    if arr.dtype != dtype or arr.shape != tuple(shape):
+        raise TokenDataError(f"{where}: {what} {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {tuple(shape)}")
+    return arr
 
 
 def tokens_from_npy(data: bytes, shape: Sequence[int], codebook_size: int, where: str) -> np.ndarray:
     """``.npy`` bytes → ``uint16 [C, h, w]``, checked against ``shape`` and ``[0, codebook_size)``."""
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise TokenDataError(f"{where}: not a readable .npy array ({e})") from None
-    if arr.dtype != np.uint16 or arr.shape != tuple(shape):
-        raise TokenDataError(f"{where}: tokens are {arr.dtype} {arr.shape}, expected uint16 {tuple(shape)}")
+    arr = _from_npy(data, np.uint16, shape, where, "the tokens are")
     if arr.size and int(arr.max()) >= codebook_size:
         raise TokenDataError(f"{where}: token id {int(arr.max())} is outside the codebook [0, {codebook_size})")
     return arr
@@ -90,20 +101,12 @@ def sanitize_key(key: str) -> str:
 
 def condition_to_npy(condition: np.ndarray) -> bytes:
     """``uint8 [channels, H', W']`` → ``.npy`` bytes."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(condition, dtype=np.uint8), allow_pickle=False)
-    return buf.getvalue()
+    return _to_npy(condition, np.uint8)
 
 
 def condition_from_npy(data: bytes, shape: Sequence[int], where: str) -> np.ndarray:
     """``.npy`` bytes → ``uint8 [channels, H', W']``, checked against ``shape``."""
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise TokenDataError(f"{where}: the condition is not a readable .npy array ({e})") from None
-    if arr.dtype != np.uint8 or arr.shape != tuple(shape):
-        raise TokenDataError(f"{where}: the condition is {arr.dtype} {arr.shape}, expected uint8 {tuple(shape)}")
-    return arr
+    return _from_npy(data, np.uint8, shape, where, "the condition is")
 
 
 def write_token_shard(path: Union[str, os.PathLike], samples: Sequence[tuple]) -> dict:
