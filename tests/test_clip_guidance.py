@@ -322,14 +322,19 @@ def test_a_seed_fixes_the_run(tmp_path, files, capsys):
     assert a["loss"]["per_step"] != c["loss"]["per_step"]  # other cut-outs
 
 
+def _save_prior(folder, model_class, cfg):
+    """A prior of ``cfg`` (seeded weights) saved with its sampling defaults, as the prior trainer leaves it."""
+    torch.manual_seed(0)
+    model_class(cfg.model).save_pretrained(folder)
+    save_sampling_defaults(folder, SamplingDefaults(cfg.sample, cfg.data.tokenizer))
+    return folder
+
+
 def test_starting_from_a_maskgit_sample(tmp_path, files, capsys):
     cfg = load_config(PriorConfig, {
         "model": {"codebook_size": 16, "channels": 2, "grid": 8, "num_classes": 3, "width": 32, "depth": 1, "heads": 2},
         "data": {"tokenizer": str(files["tok"])}, "sample": {"steps": 3}})
-    torch.manual_seed(0)
-    prior = tmp_path / "prior"
-    MaskGIT(cfg.model).save_pretrained(prior)
-    save_sampling_defaults(prior, SamplingDefaults(cfg.sample, cfg.data.tokenizer))
+    prior = _save_prior(tmp_path / "prior", MaskGIT, cfg)
     code, err = run(capsys, "--clip", files["clip"], "--prior", prior, "--prior-class", 1, "--prompt", "a dog",
                     "--out", tmp_path / "g", "--steps", 2, "--cutn", 2, "--cpu")
     assert code == 0, err
@@ -353,10 +358,7 @@ def test_starting_from_an_autoregressive_sample(tmp_path, files, capsys):
         "model": {"codebook_size": 16, "channels": 2, "grid": 8, "num_classes": 3, "width": 32, "depth": 1, "heads": 2,
                   "factorization": "cell"},
         "data": {"tokenizer": str(files["tok"])}, "sample": {"top_k": 4}})
-    torch.manual_seed(0)
-    prior = tmp_path / "ar"
-    AutoregressivePrior(cfg.model).save_pretrained(prior)
-    save_sampling_defaults(prior, SamplingDefaults(cfg.sample, cfg.data.tokenizer))
+    prior = _save_prior(tmp_path / "ar", AutoregressivePrior, cfg)
     code, err = run(capsys, "--clip", files["clip"], "--prior", prior, "--prior-class", 2, "--prompt", "a dog",
                     "--out", tmp_path / "g", "--steps", 1, "--cutn", 2, "--seed", 3, "--cpu")
     assert code == 0, err
