@@ -427,6 +427,10 @@ class MaskGITConfig:
     attn_dropout: float = 0.1  # attention probabilities (MaskGIT: 0.1)
     class_dropout: float = 0.1  # P(label → null) in training, for guidance (Muse / DiT: 0.1)
     label_smoothing: float = 0.1  # MaskGIT: 0.1
+    # The class embedding as MaskGIT has it, a token before the cells (False), or that token AND added to every
+    # cell's input embedding (True): each cell then carries the class from the first layer on. On the shapes
+    # data (configs/maskgit_shapes.yaml) it took MaskGIT's sample accuracy from 0.875 to 0.910 (stars 0.19 → 0.38).
+    class_in_cells: bool = False
     # Lower bound on the masked fraction in training. MaskGIT has none (it masks ≥ 1 token);
     # raising it spends fewer steps on the nearly solved, barely informative low-mask inputs.
     min_mask_rate: float = 0.0

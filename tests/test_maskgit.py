@@ -69,6 +69,38 @@ def test_channel_order_matters():
     assert not torch.allclose(model(tokens), model(swapped))
 
 
+def test_class_in_cells_adds_the_class_to_every_cell():
+    """class_in_cells: a cell's input embedding is its tokens' plus the class embedding (the class token
+    stays first); off, the class enters through its token alone. Same weights, so the state dicts load
+    into each other, and the flag survives a save / load."""
+    torch.manual_seed(0)
+    on = MaskGIT(tiny(class_in_cells=True)).eval()
+    off = MaskGIT(tiny()).eval()
+    off.load_state_dict(on.state_dict())
+    tokens = torch.randint(0, 65, (2, 4, 4, 4))
+    labels = torch.tensor([3, 10])  # a class and the null class
+    seen = {}
+    off.emb_norm.register_forward_hook(lambda m, args, out: seen.__setitem__("off", args[0]))
+    on.emb_norm.register_forward_hook(lambda m, args, out: seen.__setitem__("on", args[0]))
+    with torch.no_grad():
+        a, b = off(tokens, labels), on(tokens, labels)
+    cls = on.class_emb(labels)[:, None]
+    assert torch.allclose(seen["on"][:, 1:], seen["off"][:, 1:] + cls)  # every cell, the null class too
+    assert torch.equal(seen["on"][:, :1], seen["off"][:, :1])  # the class token itself unchanged
+    assert not torch.allclose(a, b)
+
+
+def test_class_in_cells_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MaskGIT(tiny(class_in_cells=True)).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = MaskGIT.from_pretrained(tmp_path / "m")
+    tokens, labels = torch.randint(0, 65, (2, 4, 4, 4)), torch.tensor([1, 2])
+    assert loaded.config.class_in_cells
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, labels), model(tokens, labels))
+
+
 def test_init_and_param_groups():
     model = MaskGIT(tiny())
     w = model.blocks[0].mlp[0].weight

@@ -15,6 +15,8 @@ tokenizer), plus a leading class token:
   channel of the latent.
 * class token = class embedding (``num_classes + 1`` rows, the last = null class) + its
   position embedding. An unconditional model (``num_classes = 0``) has only the null row.
+  With ``class_in_cells`` the class embedding is also added to every cell's input (the class token stays):
+  a small model trained briefly then uses the class from its first layer on (measured on the shapes data).
 * output: C linear heads of K logits per cell, ``[B, C, h, w, K]`` (the token layout plus K).
 
 Masking is per token (cell × channel), with the schedule shared with sampling (:mod:`movq.models.masking`).
@@ -180,7 +182,10 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
             x = x + self.condition(condition, b, drop_condition)  # one condition embedding per cell
         elif condition is not None:
             raise ValueError("MaskGIT: a condition was given but the model has none (config.condition is null)")
-        x = torch.cat([self.class_emb(labels)[:, None], x], 1) + self.pos_emb  # [B, 1 + h·w, D]
+        cls = self.class_emb(labels)[:, None]  # [B, 1, D]
+        if self.config.class_in_cells:
+            x = x + cls  # every cell also carries the class (the null class for a dropped label)
+        x = torch.cat([cls, x], 1) + self.pos_emb  # [B, 1 + h·w, D]
         x = self.emb_drop(self.emb_norm(x))
         for block in self.blocks:
             if self.config.gradient_checkpointing and self.training:
