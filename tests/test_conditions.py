@@ -246,7 +246,7 @@ def _ccfg(run_dir, tokens, kind="maskgit", **train):
 
         raw = to_dict(cfg)
         raw["kind"] = "autoregressive"
-        for key in ("mask_schedule", "min_mask_rate"):
+        for key in ("mask_schedule", "min_mask_rate", "class_in_cells"):
             raw["model"].pop(key)
         raw["model"]["factorization"] = "cell"
         raw["sample"]["cfg_schedule"] = "constant"
