@@ -242,12 +242,14 @@ def _ccfg(run_dir, tokens, kind="maskgit", **train):
     cfg = tiny_cfg(run_dir, tokens, **train)
     cfg.sample.grid_images = 2
     if kind == "autoregressive":
+        import dataclasses
+
         from movq.config import PriorConfig, load_config, to_dict
 
         raw = to_dict(cfg)
         raw["kind"] = "autoregressive"
-        for key in ("mask_schedule", "min_mask_rate", "class_in_cells"):
-            raw["model"].pop(key)
+        ar_keys = {f.name for f in dataclasses.fields(AutoregressiveConfig)}  # drop MaskGIT's own keys
+        raw["model"] = {k: v for k, v in raw["model"].items() if k in ar_keys}
         raw["model"]["factorization"] = "cell"
         raw["sample"]["cfg_schedule"] = "constant"
         cfg = load_config(PriorConfig, raw)

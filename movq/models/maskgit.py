@@ -182,10 +182,10 @@ class MaskGIT(PretrainedModel, tags=["maskgit", "image-generation"]):
             x = x + self.condition(condition, b, drop_condition)  # one condition embedding per cell
         elif condition is not None:
             raise ValueError("MaskGIT: a condition was given but the model has none (config.condition is null)")
-        cls = self.class_emb(labels)[:, None]  # [B, 1, D]
+        class_token = self.class_emb(labels)[:, None]  # [B, 1, D]
         if self.config.class_in_cells:
-            x = x + cls  # every cell also carries the class (the null class for a dropped label)
-        x = torch.cat([cls, x], 1) + self.pos_emb  # [B, 1 + h·w, D]
+            x = x + class_token  # every cell also carries the class (the null class for a dropped label)
+        x = torch.cat([class_token, x], 1) + self.pos_emb  # [B, 1 + h·w, D]
         x = self.emb_drop(self.emb_norm(x))
         for block in self.blocks:
             if self.config.gradient_checkpointing and self.training:
